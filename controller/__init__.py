@@ -1,0 +1,1 @@
+"""The effectful shell: Ray, processes, HTTP and the loop that drives `states`."""

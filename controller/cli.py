@@ -1,0 +1,105 @@
+"""The command line: `python -m controller --role head|worker [flags]`.
+
+Exit codes: 0 after a clean drain and stop; 1 after a fatal error (the reason
+is the last log line and the last line on stderr); 2 for bad configuration
+(nothing was started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from controller.config import Config, ConfigError, load_config
+from controller.control_server import ControlServer
+from controller.head import HeadNode
+from controller.logs import bind_node, configure_logging, log
+from controller.loop import Board, NodeLoop
+from controller.ray_adapter import prepare_driver_env
+from controller.worker import WorkerNode
+from states import Limits, Role
+
+EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
+# The final cleanup gets the drain's time plus this much for stopping Ray.
+CLEANUP_MARGIN_S = 45.0
+
+
+def fail(reason: str, code: int) -> int:
+    print(f"controller: error: {reason}", file=sys.stderr, flush=True)
+    return code
+
+
+def limits_for(config: Config) -> Limits:
+    return Limits(
+        expected_nodes=config.expected_nodes,
+        wait_timeout=config.wait_timeout,
+        degraded_timeout=config.degraded_timeout,
+        failure_threshold=config.failure_threshold,
+    )
+
+
+async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
+    """Run one node until STOPPED. `stop`, when set, drains it as SIGTERM would."""
+    loop = asyncio.get_running_loop()
+    role = Role(config.role)
+    board = Board()
+    node = HeadNode(config, board) if role is Role.HEAD else WorkerNode(config, board)
+    node_loop = NodeLoop(role, limits_for(config), board, node, clock=loop.time,
+                         tick_interval=config.tick_interval)
+
+    def request_drain(reason: str) -> None:
+        if not board.get("drain_requested"):
+            log.info("drain_requested", reason=reason)
+            board.set(drain_requested=reason)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_drain, f"{signal.Signals(sig).name} received")
+    stop_watch = None
+    if stop is not None:
+        async def _watch_stop() -> None:
+            await stop.wait()
+            request_drain("stop requested")
+        stop_watch = loop.create_task(_watch_stop())
+
+    server = None
+    if isinstance(node, HeadNode):
+        server = ControlServer(config.control_host, config.control_port,
+                               state=lambda: node_loop.state, status=node.status,
+                               request_drain=request_drain)
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("fatal", reason=str(exc))
+            return fail(str(exc), EXIT_FATAL)
+
+    log.info("controller_starting", config={k: v for k, v in config.as_dict().items()})
+    try:
+        result = await node_loop.run()
+    finally:
+        try:
+            await asyncio.wait_for(node.shutdown(config.drain_timeout),
+                                   config.drain_timeout + CLEANUP_MARGIN_S)
+        except Exception as exc:
+            log.error("cleanup_failed", error=f"{type(exc).__name__}: {exc}")
+        if server is not None:
+            await server.stop()
+        if stop_watch is not None:
+            stop_watch.cancel()
+    if result.fatal_reason:
+        log.error("fatal", reason=result.fatal_reason)
+        return fail(result.fatal_reason, EXIT_FATAL)
+    log.info("stopped", state=result.state.value)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        return fail(str(exc), EXIT_CONFIG)
+    prepare_driver_env()
+    configure_logging(config.log_format)
+    bind_node(config.node_id, config.role)
+    return asyncio.run(run_node(config))

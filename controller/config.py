@@ -1,0 +1,271 @@
+"""Configuration: one settings object from flags, environment and a config file.
+
+Precedence: command line > environment (LLMCTL_<NAME>) > config file (TOML) >
+built-in defaults. Every value is validated before anything starts; a bad
+value is a `ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+ENV_PREFIX = "LLMCTL_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+def _bool(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    flag_only: bool = False  # a switch: `--flag` means true
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("role", str, None, "this node's role", ("head", "worker")),
+    Option("head_address", str, None, "HOST:PORT of the head's Ray GCS (workers)"),
+    Option("ray_port", int, 6379, "Ray GCS port on the head"),
+    Option("node_ip_address", str, None, "this node's IP as Ray sees it"),
+    Option("node_id", str, None, "stable name of this node (default: ROLE-IP)"),
+    Option("expected_workers", int, None, "workers the head waits for (default: --local-workers)"),
+    Option("wait_timeout", float, 300.0, "seconds the head waits for its workers"),
+    Option("join_attempts", int, 5, "worker: attempts to join the head"),
+    Option("join_delay", float, 10.0, "worker: seconds between join attempts"),
+    Option("join_attempt_timeout", float, 60.0, "worker: bound on one join attempt, seconds"),
+    Option("mode", str, "replicated", "engine topology", ("sharded", "replicated")),
+    Option("model", str, None, "model path or hub id served by the engines"),
+    Option("tensor_parallel_size", int, 1, "sharded mode: tensor parallel size"),
+    Option("pipeline_parallel_size", int, 1, "sharded mode: pipeline parallel size"),
+    Option("serve_port", int, 8000, "OpenAI-compatible API port on the head"),
+    Option("control_port", int, 8080, "control HTTP port on the head"),
+    Option("control_host", str, "127.0.0.1", "address the control port binds to"),
+    Option("drain_timeout", float, 30.0, "seconds a drain waits for in-flight work and workers"),
+    Option("degraded_timeout", float, 0.0, "seconds in DEGRADED before draining (0: never)"),
+    Option("log_format", str, "auto", "log rendering", ("auto", "json", "console")),
+    Option("engine", str, "none", "inference engine ('none': cluster only)", ("vllm", "none")),
+    Option("local_workers", int, 0, "head: start N worker nodes on this machine"),
+    Option("object_store_memory", int, None, "bytes for Ray's object store (default: sized)"),
+    Option("ray_health_check", str, "controller",
+           "Ray node failure detection settings", ("controller", "ray")),
+    Option("health_interval", float, 2.0, "seconds between in-process health checks"),
+    Option("health_cli_interval", float, 30.0, "seconds between `ray health-check` runs"),
+    Option("failure_threshold", int, 3, "consecutive failed health checks before DEGRADED"),
+    Option("tick_interval", float, 1.0, "seconds between reconcile ticks"),
+    Option("state_dir", str, None, "where the head keeps its cluster epoch"),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    role: str
+    head_address: str | None
+    ray_port: int
+    node_ip_address: str | None
+    node_id: str
+    expected_workers: int
+    wait_timeout: float
+    join_attempts: int
+    join_delay: float
+    join_attempt_timeout: float
+    mode: str
+    model: str | None
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    serve_port: int
+    control_port: int
+    control_host: str
+    drain_timeout: float
+    degraded_timeout: float
+    log_format: str
+    engine: str
+    local_workers: int
+    object_store_memory: int | None
+    ray_health_check: str
+    health_interval: float
+    health_cli_interval: float
+    failure_threshold: int
+    tick_interval: float
+    state_dir: str
+
+    @property
+    def expected_nodes(self) -> int:
+        return 1 + self.expected_workers
+
+    @property
+    def head_host(self) -> str:
+        assert self.head_address is not None
+        return self.head_address.rsplit(":", 1)[0]
+
+    @property
+    def head_port(self) -> int:
+        assert self.head_address is not None
+        return int(self.head_address.rsplit(":", 1)[1])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage plus a traceback
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m controller",
+        description="Lifecycle controller: turns machines into one LLM endpoint on Ray.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="TOML config file (also LLMCTL_CONFIG)")
+    for o in OPTIONS:
+        flag = "--" + o.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"help": f"{o.help} (default: {o.default})"}
+        if o.choices:
+            kwargs["choices"] = o.choices
+        parser.add_argument(flag, dest=o.name, **kwargs)
+    return parser
+
+
+def _parse_value(name: str, raw: Any, source: str) -> Any:
+    option = _BY_NAME[name]
+    try:
+        value = option.parse(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: invalid value {raw!r} for {name.replace('_', '-')}") from None
+    if option.choices and value not in option.choices:
+        raise ConfigError(
+            f"{source}: {name.replace('_', '-')} must be one of {', '.join(option.choices)}, got {value!r}"
+        )
+    return value
+
+
+def _from_file(path: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file unreadable: {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        name = key.replace("-", "_")
+        if name not in _BY_NAME:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        values[name] = _parse_value(name, raw, f"config file {path}")
+    return values
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in _BY_NAME:
+        key = ENV_PREFIX + name.upper()
+        if key in environ and environ[key] != "":
+            values[name] = _parse_value(name, environ[key], f"environment {key}")
+    return values
+
+
+def load_config(argv: list[str], environ: dict[str, str] | None = None) -> Config:
+    """Merge the sources and validate. Raises ConfigError with a one-line message."""
+    environ = dict(os.environ if environ is None else environ)
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    merged: dict[str, Any] = {o.name: o.default for o in OPTIONS}
+    if config_path:
+        merged.update(_from_file(config_path))
+    merged.update(_from_env(environ))
+    merged.update({k: _parse_value(k, v, "command line") for k, v in args.items()})
+    return _validate(merged)
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{name.replace('_', '-')} must be a port from 1 to 65535, got {port}")
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
+    port = int(port_text)
+    _check_port(what, port)
+    return host, port
+
+
+def _validate(v: dict[str, Any]) -> Config:
+    role = v["role"]
+    if role is None:
+        raise ConfigError("--role is required (head or worker)")
+    if role == "worker":
+        if not v["head_address"]:
+            raise ConfigError("a worker needs --head-address HOST:PORT")
+        parse_host_port(v["head_address"], "head-address")
+        if v["local_workers"]:
+            raise ConfigError("--local-workers is for the head only")
+    for name in ("ray_port", "serve_port", "control_port"):
+        _check_port(name, v[name])
+    if v["node_ip_address"] is not None:
+        try:
+            ipaddress.ip_address(v["node_ip_address"])
+        except ValueError:
+            raise ConfigError(f"node-ip-address is not an IP address: {v['node_ip_address']!r}") from None
+    if not 0 <= v["local_workers"] <= 250:
+        raise ConfigError(f"local-workers must be from 0 to 250, got {v['local_workers']}")
+    if v["expected_workers"] is None:
+        v["expected_workers"] = v["local_workers"]
+    if v["expected_workers"] < 0:
+        raise ConfigError(f"expected-workers must be 0 or more, got {v['expected_workers']}")
+    if v["expected_workers"] < v["local_workers"]:
+        raise ConfigError(
+            f"expected-workers ({v['expected_workers']}) is less than local-workers ({v['local_workers']})"
+        )
+    if v["local_workers"] and v["node_ip_address"] is None:
+        # One-machine cluster: each node its own loopback address (Ray rewrites 127.0.0.1).
+        v["node_ip_address"] = "127.0.0.2"
+    for name in ("wait_timeout", "join_delay", "join_attempt_timeout", "drain_timeout",
+                 "health_interval", "health_cli_interval", "tick_interval"):
+        if not v[name] > 0:
+            raise ConfigError(f"{name.replace('_', '-')} must be greater than 0, got {v[name]}")
+    if v["degraded_timeout"] < 0:
+        raise ConfigError(f"degraded-timeout must be 0 (never) or more, got {v['degraded_timeout']}")
+    for name in ("join_attempts", "failure_threshold", "tensor_parallel_size", "pipeline_parallel_size"):
+        if v[name] < 1:
+            raise ConfigError(f"{name.replace('_', '-')} must be 1 or more, got {v[name]}")
+    if v["object_store_memory"] is not None and v["object_store_memory"] < 78 * 1024 * 1024:
+        raise ConfigError("object-store-memory must be at least 78643200 bytes (Ray's minimum)")
+    if v["engine"] == "vllm":
+        raise ConfigError("--engine vllm is not available in this version yet; use --engine none")
+    if v["node_id"] is None:
+        v["node_id"] = f"{role}-{v['node_ip_address'] or socket.gethostname()}"
+    if v["state_dir"] is None:
+        v["state_dir"] = str(Path(environ_home()) / ".cache" / "llm-controller")
+    return Config(**v)
+
+
+def environ_home() -> str:
+    return os.environ.get("HOME") or "/tmp"

@@ -1,0 +1,296 @@
+"""The head node's effects: start or re-attach to the Ray head, run the
+coordinator, start local workers, watch the cluster, and shut down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from controller import processes
+from controller.config import Config
+from controller.coordinator import ACTOR_NAME, CoordinatorClient, iso_now
+from controller.local_cluster import LocalWorkers
+from controller.logs import log
+from controller.loop import Board
+from controller.monitors import ClusterMonitor, GcsCliMonitor
+from controller.ray_adapter import (
+    HEALTH_CHECK_PRESETS, RayAdapter, RayError, available_memory, object_store_bytes,
+    port_free, shm_size, tcp_answers,
+)
+from controller.tasks import TaskSet, every
+from states import Moved, Observation, State
+
+RAY_START_TIMEOUT = 60.0
+LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
+
+
+class FatalError(RuntimeError):
+    """An error the node cannot recover from; the message is the one-line reason."""
+
+
+def next_epoch(state_dir: str) -> int:
+    """Read, increment and persist the cluster epoch (one per new Ray head)."""
+    path = Path(state_dir) / "epoch"
+    try:
+        last = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        last = 0
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{last + 1}\n")
+    os.replace(tmp, path)
+    return last + 1
+
+
+class HeadNode:
+    def __init__(self, config: Config, board: Board) -> None:
+        self.config = config
+        self.board = board
+        self.ray = RayAdapter(config.node_ip_address)
+        self.coordinator: CoordinatorClient | None = None
+        self.tasks = TaskSet(self._task_failed)
+        self.object_store = config.object_store_memory or object_store_bytes(
+            available_memory(), shm_size(), nodes_on_machine=1 + config.local_workers
+        )
+        self.local = LocalWorkers(config, self.object_store)
+        self.address = config.node_ip_address
+        self.ray_node_id: str | None = None
+        self.history: deque[dict[str, Any]] = deque(maxlen=200)
+        self.state = State.INIT
+        self.since = iso_now()
+        self._reports: asyncio.Queue[tuple[str, dict[str, Any] | None]] = asyncio.Queue()
+        self._shutdown_done = False
+        self._epoch: int | None = None
+
+    # -- Effects protocol --------------------------------------------------------------
+
+    def epoch(self) -> int | None:
+        """The epoch this node is in; kept after the coordinator is gone, for the last logs."""
+        if self.coordinator is not None:
+            self._epoch = self.coordinator.epoch
+        return self._epoch
+
+    def on_moved(self, moved: Moved, record: dict[str, Any]) -> None:
+        self.state = moved.dest
+        self.since = iso_now()
+        self.history.append({"at": self.since, "node_id": self.config.node_id, **record})
+        self._reports.put_nowait((moved.dest.value, record))
+
+    async def ensure(self, state: State, obs: Observation) -> None:
+        if self._shutdown_done:
+            return  # nothing may start again once the node began to stop
+        self.tasks.ensure("reporter", self._report_loop)
+        if state is State.JOINING:
+            self.tasks.ensure("bring_up", self._bring_up)
+        elif state in LIVE_STATES and self.coordinator is not None:
+            monitor = ClusterMonitor(self.ray, self.coordinator, self.board, self.config.expected_nodes)
+            cli = GcsCliMonitor(self.ray, self.gcs_address, self.board)
+            self.tasks.ensure("cluster_monitor", lambda: every(self.config.health_interval, monitor.check, "cluster"))
+            self.tasks.ensure("gcs_cli_monitor", lambda: every(self.config.health_cli_interval, cli.check, "gcs_cli"))
+            if self.local.addresses:
+                self.tasks.ensure("local_workers", self._start_local_workers)
+        elif state is State.DRAINING:
+            self.tasks.ensure("drain", self._drain)
+
+    # -- bring-up ----------------------------------------------------------------------
+
+    @property
+    def gcs_address(self) -> str:
+        return f"{self.address or '127.0.0.1'}:{self.config.ray_port}"
+
+    def _task_failed(self, name: str, exc: BaseException) -> None:
+        if name in ("bring_up", "local_workers"):
+            self.board.set(fatal=str(exc) if isinstance(exc, (FatalError, RayError)) else f"{name}: {exc!r}")
+        elif name == "drain":
+            self.board.set(drained=True)  # the final cleanup still runs
+
+    async def _bring_up(self) -> None:
+        cfg = self.config
+        if port_free(self.address, cfg.ray_port):
+            await self._start_new_cluster()
+        else:
+            await self._reattach()
+        info = {"node_id": cfg.node_id, "role": "head", "ray_node_id": self.ray_node_id,
+                "address": self.address, "pid": os.getpid(),
+                "ray_pgid": self.ray.node.pgid if self.ray.node else None}
+        assert self.coordinator is not None
+        await self.coordinator.register(info)
+        await self.coordinator.set_cluster(state=self.state.value, mode=cfg.mode,
+                                           expected_nodes=cfg.expected_nodes)
+        self.board.set(head_up=True)
+
+    async def _start_new_cluster(self) -> None:
+        cfg = self.config
+        log.info("ray_head_starting", port=cfg.ray_port, node_ip=self.address,
+                 object_store_bytes=self.object_store, health_check=cfg.ray_health_check)
+        args = ["--head", "--port", str(cfg.ray_port), "--object-store-memory", str(self.object_store),
+                "--dashboard-host", "127.0.0.1"]
+        await self.ray.start(args, RAY_START_TIMEOUT, env=HEALTH_CHECK_PRESETS[cfg.ray_health_check])
+        await self.ray.connect(self.gcs_address, timeout=30.0)
+        self.ray_node_id = self.ray.ray_node_id()
+        if self.address is None:
+            self.address = await self._own_address()
+        epoch = next_epoch(cfg.state_dir)
+        self.coordinator = await CoordinatorClient.create_or_attach(epoch, self.ray_node_id)
+        log.info("coordinator_created", actor=ACTOR_NAME, epoch=self.coordinator.epoch)
+
+    async def _reattach(self) -> None:
+        """The Ray port is taken: our own Ray head left by a previous controller, or not ours."""
+        cfg = self.config
+        error = await self.ray.cli_health_check(self.gcs_address, timeout=10.0)
+        if error:
+            raise FatalError(f"Ray port {cfg.ray_port} on {self.address or '0.0.0.0'} is in use "
+                             f"by something that is not a Ray head ({error})")
+        await self.ray.connect(self.gcs_address, timeout=30.0)
+        try:
+            self.coordinator = await CoordinatorClient.attach()
+        except LookupError:
+            raise FatalError(f"a Ray head already runs at {self.gcs_address} without a coordinator: "
+                             "it is not ours; stop it or pick another --ray-port") from None
+        snap = await self.coordinator.snapshot()
+        head = next((m for m in snap["members"] if m["role"] == "head"), None)
+        if head and head.get("pid") and head["pid"] != os.getpid() and processes.is_running(head["pid"]) \
+                and head.get("address") == self.address:
+            self.coordinator = None  # not ours to report to or shut down
+            raise FatalError(f"another head controller (pid {head['pid']}) already runs the cluster "
+                             f"at {self.gcs_address}")
+        if head is None or head.get("address") != self.address:
+            self.coordinator = None
+            raise FatalError(f"the Ray head at {self.gcs_address} belongs to another node")
+        self.ray_node_id = self.ray.ray_node_id()
+        if head.get("ray_pgid"):
+            self.ray.adopt(head["ray_pgid"])
+        log.info("coordinator_reattached", epoch=self.coordinator.epoch, previous_pid=head.get("pid"),
+                 members=len(snap["members"]))
+
+    async def _own_address(self) -> str:
+        for node in await self.ray.alive_nodes():
+            if node["NodeID"] == self.ray_node_id:
+                return node["NodeManagerAddress"]
+        raise FatalError("the Ray head does not list its own node")
+
+    async def _start_local_workers(self) -> None:
+        """One at a time: raylets started together on one machine race for the same
+        random ports (seen here: "bind: Address already in use" in the raylet)."""
+        assert self.coordinator is not None
+        for address in self.local.addresses:
+            snap = await self.coordinator.snapshot()
+            if not self.local.start_one(address, snap["members"]):
+                continue
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.join_attempt_timeout
+            while loop.time() < deadline:
+                members = (await self.coordinator.snapshot())["members"]
+                if any(m.get("address") == address and m["alive"] for m in members):
+                    break
+                await asyncio.sleep(0.5)
+
+    # -- reporting -----------------------------------------------------------------------
+
+    async def _report_loop(self) -> None:
+        """Send transitions to the coordinator in order, once it exists."""
+        while True:
+            state, record = await self._reports.get()
+            while self.coordinator is None:
+                await asyncio.sleep(0.2)
+            transition = None if record is None else {k: record[k] for k in ("from", "to", "trigger", "reason")}
+            try:
+                await self.coordinator.report(self.config.node_id, state, transition)
+                await self.coordinator.set_cluster(state=state)
+            except Exception as exc:
+                log.warning("coordinator_report_failed", state=state, error=f"{type(exc).__name__}: {exc}")
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        await self.shutdown(self.config.drain_timeout)
+        self.board.set(drained=True)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Ordered, bounded, idempotent: workers told and gone, then our Ray stopped."""
+        if self._shutdown_done:
+            return
+        self._shutdown_done = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.tasks.cancel("cluster_monitor", "gcs_cli_monitor", "local_workers", "bring_up")
+        members: list[dict[str, Any]] = []
+        if self.coordinator is not None:
+            try:
+                await self.coordinator.set_desired("drain")
+                log.info("workers_told_to_drain")
+                await self._wait_workers_gone(deadline)
+                members = (await self.coordinator.snapshot())["members"]
+            except Exception as exc:
+                log.warning("drain_coordination_failed", error=f"{type(exc).__name__}: {exc}")
+            await self._drain_reports(1.0)
+        left = await self.local.stop(members, grace=max(1.0, deadline - loop.time()))
+        await self.tasks.cancel_all()
+        self.coordinator = None
+        await self.ray.disconnect()
+        left |= await self.ray.stop_node()
+        if left:
+            log.error("processes_left_running", pids=sorted(left))
+        log.info("head_shutdown_complete")
+
+    async def _wait_workers_gone(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            try:
+                others = [n for n in await self.ray.alive_nodes() if n["NodeID"] != self.ray_node_id]
+            except RayError as exc:
+                log.warning("drain_wait_failed", error=str(exc))
+                return
+            if not others:
+                log.info("workers_gone")
+                return
+            await asyncio.sleep(0.5)
+        log.warning("drain_timeout_workers_remain")
+
+    async def _drain_reports(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while not self._reports.empty() and loop.time() < end:
+            await asyncio.sleep(0.05)
+
+    # -- status ------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        cfg = self.config
+        snap: dict[str, Any] | None = None
+        if self.coordinator is not None and self.ray.connected:
+            try:
+                snap = await asyncio.wait_for(self.coordinator.snapshot(), 3.0)
+            except Exception as exc:
+                log.warning("status_snapshot_failed", error=f"{type(exc).__name__}: {exc}")
+        head_entry = {"node_id": cfg.node_id, "role": "head", "state": self.state.value,
+                      "address": self.address, "since": self.since, "pid": os.getpid(),
+                      "alive": True, "ray_node_id": self.ray_node_id,
+                      "ray_pgid": self.ray.node.pgid if self.ray.node else None}
+        nodes: list[dict[str, Any]] = [head_entry]
+        if snap is not None:
+            for m in snap["members"]:
+                if m["node_id"] == cfg.node_id:
+                    head_entry["epoch"] = m.get("epoch")
+                    continue
+                nodes.append({k: m.get(k) for k in
+                              ("node_id", "role", "state", "address", "since", "pid", "alive",
+                               "ray_node_id", "ray_pgid", "epoch", "last_seen")})
+        return {
+            "cluster": {
+                "state": self.state.value,
+                "epoch": self.epoch(),
+                "mode": cfg.mode,
+                "engine": cfg.engine,
+                "expected_nodes": cfg.expected_nodes,
+                "alive_nodes": self.board.get("alive_nodes"),
+                "desired": snap["desired"] if snap else None,
+                "coordinator_reachable": snap is not None,
+            },
+            "nodes": nodes,
+            "replicas": snap["replicas"] if snap else [],
+            "transitions": snap["transitions"] if snap else list(self.history),
+        }

@@ -1,0 +1,101 @@
+"""`--local-workers N`: worker nodes on the head's machine, one real raylet each.
+
+Each worker is a `python -m controller --role worker` child in a session of its
+own (so it is killable as one node, and the head's Ctrl-C reaches it only
+through the ordered drain), with its own loopback address as its Ray node IP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import subprocess
+import sys
+from typing import Any
+
+from controller import processes
+from controller.config import ENV_PREFIX, Config
+from controller.logs import log
+from controller.ray_adapter import child_env
+
+
+def local_worker_addresses(head_ip: str, count: int) -> list[str]:
+    """The addresses after the head's: 127.0.0.2 -> 127.0.0.3, 127.0.0.4, ..."""
+    base = ipaddress.ip_address(head_ip)
+    return [str(base + i) for i in range(1, count + 1)]
+
+
+def local_worker_argv(config: Config, address: str, object_store_bytes: int) -> list[str]:
+    assert config.node_ip_address is not None
+    return [
+        sys.executable, "-m", "controller",
+        "--role", "worker",
+        "--head-address", f"{config.node_ip_address}:{config.ray_port}",
+        "--node-ip-address", address,
+        "--log-format", config.log_format,
+        "--join-attempts", str(config.join_attempts),
+        "--join-delay", str(min(config.join_delay, 2.0)),
+        "--join-attempt-timeout", str(config.join_attempt_timeout),
+        "--health-interval", str(config.health_interval),
+        "--health-cli-interval", str(config.health_cli_interval),
+        "--failure-threshold", str(config.failure_threshold),
+        "--drain-timeout", str(config.drain_timeout),
+        "--degraded-timeout", str(config.degraded_timeout),
+        "--tick-interval", str(config.tick_interval),
+        "--engine", config.engine,
+        "--object-store-memory", str(object_store_bytes),
+    ]
+
+
+class LocalWorkers:
+    def __init__(self, config: Config, object_store_bytes: int) -> None:
+        self.config = config
+        self.object_store_bytes = object_store_bytes
+        self.addresses = (
+            local_worker_addresses(config.node_ip_address, config.local_workers)
+            if config.local_workers and config.node_ip_address else []
+        )
+        self.children: dict[str, subprocess.Popen] = {}
+        self.adopted: dict[str, int] = {}  # address -> controller pid of a worker we did not start
+
+    def pids(self) -> set[int]:
+        return {p.pid for p in self.children.values()} | set(self.adopted.values())
+
+    def start_one(self, address: str, members: list[dict[str, Any]]) -> bool:
+        """Start the worker for `address` unless it runs; adopt a live one (a restarted head).
+
+        Returns True when a new process was started.
+        """
+        if address in self.children or address in self.adopted:
+            return False
+        member = next((m for m in members if m.get("address") == address and m.get("role") == "worker"
+                       and m.get("alive") and m.get("pid")), None)
+        if member is not None and processes.is_running(member["pid"]):
+            self.adopted[address] = member["pid"]
+            log.info("local_worker_adopted", address=address, pid=member["pid"])
+            return False
+        env = {k: v for k, v in child_env().items() if not k.startswith(ENV_PREFIX)}
+        argv = local_worker_argv(self.config, address, self.object_store_bytes)
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+        self.children[address] = proc
+        log.info("local_worker_started", address=address, pid=proc.pid)
+        return True
+
+    async def stop(self, members: list[dict[str, Any]], grace: float) -> set[int]:
+        """Wait up to `grace` for the workers to finish their own drain, then stop
+        whatever is left of them (controller and Ray processes) by pid and group."""
+        pids = self.pids()
+        left = await asyncio.to_thread(processes.wait_gone, pids, grace)
+        groups = {m["ray_pgid"] for m in members
+                  if m.get("address") in self.addresses and m.get("ray_pgid")}
+        leftovers = await asyncio.to_thread(processes.tree, left, groups)
+        if leftovers:
+            log.warning("local_workers_forced", pids=sorted(leftovers))
+            leftovers = await asyncio.to_thread(processes.terminate, leftovers, 5.0)
+        for proc in self.children.values():
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        return leftovers

@@ -1,0 +1,121 @@
+"""Health and node-count monitors. Each observes one signal and writes the board;
+none of them changes a state. The loop decides."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from controller.coordinator import CoordinatorClient, StaleEpoch
+from controller.logs import log
+from controller.loop import Board
+from controller.ray_adapter import RayAdapter
+from states import State
+
+# Members that no longer count as serving capacity.
+GONE_STATES = ("DRAINING", "STOPPED", "LOST")
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _state_or_none(value: Any) -> State | None:
+    try:
+        return State(value)
+    except ValueError:
+        return None
+
+
+class ClusterMonitor:
+    """Head: alive Ray nodes (GCS answering in-process) and registered workers."""
+
+    def __init__(self, ray: RayAdapter, coordinator: CoordinatorClient, board: Board,
+                 expected_nodes: int) -> None:
+        self.ray = ray
+        self.coordinator = coordinator
+        self.board = board
+        self.expected_nodes = expected_nodes
+        self.alive_ids: set[str] = set()
+
+    async def check(self) -> None:
+        try:
+            nodes = await self.ray.nodes()
+        except Exception as exc:
+            self.board.health("gcs", f"ray.nodes(): {_error_text(exc)}")
+            return
+        self.board.health("gcs", None)
+        alive = [n for n in nodes if n.get("Alive")]  # dead nodes stay listed
+        self.alive_ids = {n["NodeID"] for n in alive}
+        self.board.set(alive_nodes=len(alive))
+        try:
+            snap = await self.coordinator.snapshot()
+        except Exception as exc:
+            self.board.health("coordinator", f"coordinator: {_error_text(exc)}")
+            return
+        self.board.health("coordinator", None)
+        lost = [m["node_id"] for m in snap["members"]
+                if m["alive"] and m.get("ray_node_id") not in self.alive_ids]
+        if lost:
+            log.warning("members_lost", node_ids=lost)
+            await self.coordinator.mark_lost(lost)
+        workers = [m for m in snap["members"]
+                   if m["role"] == "worker" and m["alive"] and m["node_id"] not in lost
+                   and m["state"] not in GONE_STATES]
+        self.board.set(registered_workers=len(workers))
+        await self.coordinator.set_cluster(alive_nodes=len(alive), expected_nodes=self.expected_nodes)
+
+
+class GcsCliMonitor:
+    """`ray health-check` against the head's GCS: an out-of-process second opinion."""
+
+    def __init__(self, ray: RayAdapter, address: str, board: Board) -> None:
+        self.ray = ray
+        self.address = address
+        self.board = board
+
+    async def check(self) -> None:
+        error = await self.ray.cli_health_check(self.address)
+        self.board.health("gcs_cli", error)
+        self.board.set(head_reachable=error is None)
+        if error:
+            log.warning("gcs_health_check_failed", address=self.address, error=error)
+
+
+class CoordinatorWatch:
+    """Worker: heartbeat the coordinator and long-poll it for cluster changes."""
+
+    def __init__(self, coordinator: CoordinatorClient, board: Board, node_id: str) -> None:
+        self.coordinator = coordinator
+        self.board = board
+        self.node_id = node_id
+        self.version = -1
+
+    def _apply(self, info: dict[str, Any]) -> None:
+        self.board.set(
+            cluster_state=_state_or_none(info.get("cluster_state") or info.get("cluster", {}).get("state")),
+            cluster_epoch=info["epoch"],
+        )
+        if info.get("desired") == "drain":
+            self.board.set(drain_requested="the head asked the cluster to drain")
+
+    async def heartbeat(self) -> None:
+        try:
+            info = await self.coordinator.heartbeat(self.node_id)
+        except StaleEpoch as exc:
+            self.board.health("coordinator", None)
+            self.board.set(cluster_epoch=exc.current)
+            return
+        except Exception as exc:
+            self.board.health("coordinator", f"coordinator heartbeat: {_error_text(exc)}")
+            return
+        self.board.health("coordinator", None)
+        self._apply(info)
+
+    async def watch(self, poll_timeout: float = 10.0) -> None:
+        """One long-poll round: returns when something changed or after `poll_timeout`."""
+        snap = await self.coordinator.wait_for_change(self.version, poll_timeout)
+        self.version = snap["version"]
+        self._apply(snap)

@@ -1,0 +1,261 @@
+"""Every call into Ray lives here: `ray start`, `ray.init`, `ray.nodes()`,
+`ray health-check`, `ray.shutdown()` and stopping this node's Ray processes.
+
+Blocking Ray calls run in threads under our own timeouts, so the event loop
+never blocks and no call waits without a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller import processes
+from controller.logs import log
+
+NAMESPACE = "llm-controller"
+GIB = 1024**3
+
+# Ray's node failure detection, set in the environment of the head's `ray start`.
+# Ray's defaults (first check after 5 s, every 3 s, 10 s timeout, 5 misses) take
+# about 13 s to see a killed node and about 63 s for a hung one. The controller's
+# choice: every 1 s, 2 s timeout, 5 misses: a killed node in about 5 s, a hung one
+# in about 15 s, while a node whose cores are saturated by engines still has
+# five chances, each two seconds long, to answer.
+HEALTH_CHECK_PRESETS: dict[str, dict[str, str]] = {
+    "ray": {},
+    "controller": {
+        "RAY_health_check_initial_delay_ms": "5000",
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_timeout_ms": "2000",
+        "RAY_health_check_failure_threshold": "5",
+    },
+}
+
+# A driver whose GCS is gone for this long exits its whole process (Ray's default
+# is 60 s). The controller must outlive its head to report and rejoin, so its own
+# driver waits longer; the daemons it starts keep Ray's default.
+# Ray's C++ failure-signal handler in a driver catches SIGTERM, prints a stack
+# and aborts the process: the controller handles SIGTERM itself (it drains).
+_DRIVER_ENV = {
+    "RAY_gcs_rpc_server_reconnect_timeout_s": str(7 * 24 * 3600),
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
+    # A Ray call after ray.shutdown() must fail, not silently start a new cluster
+    # (or block the event loop connecting to one that is gone).
+    "RAY_ENABLE_AUTO_CONNECT": "0",
+}
+
+
+def prepare_driver_env() -> None:
+    """Call before `import ray` in the controller process."""
+    os.environ.update(_DRIVER_ENV)
+
+
+class RayError(RuntimeError):
+    """A Ray operation failed; the message says which and why."""
+
+
+def object_store_bytes(available_memory: int, shm_size: int, nodes_on_machine: int = 1) -> int:
+    """min(30% of available memory, /dev/shm, 200 GB), shared by the nodes on one machine."""
+    size = min(int(available_memory * 0.3), shm_size, 200 * 10**9)
+    return max(size // max(1, nodes_on_machine), 78 * 1024 * 1024)
+
+
+def available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RayError("cannot read MemAvailable from /proc/meminfo")
+
+
+def shm_size(path: str = "/dev/shm") -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_blocks * st.f_frsize
+
+
+def ray_cli() -> list[str]:
+    return [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for processes we start: without the driver-only overrides."""
+    env = {k: v for k, v in os.environ.items() if k not in _DRIVER_ENV}
+    env.update(extra or {})
+    return env
+
+
+def tcp_answers(host: str, port: int, timeout: float = 2.0) -> str | None:
+    """None when something accepts TCP at host:port, else the error text."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
+
+
+def port_free(host: str | None, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host or "0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class RayNode:
+    """This node's Ray daemons: the process group `ray start` made."""
+
+    pgid: int
+    started_here: bool
+
+
+class RayAdapter:
+    def __init__(self, node_ip: str | None, call_timeout: float = 10.0) -> None:
+        self.node_ip = node_ip
+        self.call_timeout = call_timeout
+        self.node: RayNode | None = None
+        self.connected = False
+
+    # -- starting and stopping this node's Ray daemons ------------------------------
+
+    async def start(self, args: list[str], timeout: float, env: dict[str, str] | None = None) -> RayNode:
+        """Run `ray start ARGS` bounded by `timeout`; the daemons stay in its process group."""
+        cmd = ray_cli() + ["start", "--disable-usage-stats", *args]
+        if self.node_ip:
+            cmd += ["--node-ip-address", self.node_ip]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=child_env(env),
+            # Its own process group, which Ray's daemons inherit: the node's Ray
+            # processes can then be found and stopped as one group.
+            start_new_session=True,
+        )
+        # Recorded before waiting: a timed-out start still has a group to stop.
+        node = RayNode(pgid=proc.pid, started_here=True)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            await asyncio.to_thread(self._stop_group, node.pgid, 5.0)
+            raise RayError(f"`ray start` did not finish within {timeout:g}s") from None
+        if proc.returncode != 0:
+            await asyncio.to_thread(self._stop_group, node.pgid, 5.0)
+            raise RayError(f"`ray start` failed (exit {proc.returncode}): {_last_line(out)}")
+        self.node = node
+        return node
+
+    def adopt(self, pgid: int) -> None:
+        """Take over a Ray node a previous controller of this node started."""
+        self.node = RayNode(pgid=pgid, started_here=False)
+
+    async def stop_node(self, grace: float = 10.0) -> set[int]:
+        """Stop this node's Ray processes (like `ray stop`, but only ours, by process group)."""
+        if self.node is None:
+            return set()
+        left = await asyncio.to_thread(self._stop_group, self.node.pgid, grace)
+        self.node = None
+        return left
+
+    @staticmethod
+    def _stop_group(pgid: int, grace: float) -> set[int]:
+        return processes.terminate(processes.tree(pgids={pgid}), grace)
+
+    # -- the driver connection -------------------------------------------------------
+
+    async def connect(self, address: str, timeout: float) -> None:
+        prepare_driver_env()
+        import ray
+
+        def _init() -> None:
+            ray.init(
+                address=address,
+                namespace=NAMESPACE,
+                _node_ip_address=self.node_ip,
+                logging_level="WARNING",
+                log_to_driver=False,
+                configure_logging=False,
+            )
+
+        await self._bounded(_init, timeout, "ray.init")
+        self.connected = True
+
+    async def disconnect(self, timeout: float = 10.0) -> None:
+        import ray
+
+        if not self.connected:
+            return
+        self.connected = False
+        try:
+            await self._bounded(ray.shutdown, timeout, "ray.shutdown")
+        except RayError as exc:
+            log.warning("ray_shutdown_failed", error=str(exc))
+
+    def ray_node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """All nodes Ray knows, dead ones included (their `Alive` is False)."""
+        import ray
+
+        return await self._bounded(ray.nodes, self.call_timeout, "ray.nodes")
+
+    async def alive_nodes(self) -> list[dict[str, Any]]:
+        return [n for n in await self.nodes() if n.get("Alive")]
+
+    async def cli_health_check(self, address: str, timeout: float = 5.0) -> str | None:
+        """`ray health-check`: None when the GCS at `address` answers, else why not.
+
+        It costs over a second of CPU and hangs ~40 s on a dead GCS: run it rarely,
+        under our own timeout.
+        """
+        proc = await asyncio.create_subprocess_exec(
+            *ray_cli(), "health-check", "--address", address,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=child_env(),
+            start_new_session=True,
+        )
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            await asyncio.to_thread(processes.terminate, processes.tree(roots={proc.pid}), 1.0)
+            await proc.wait()
+            return f"`ray health-check --address {address}` did not answer within {timeout:g}s"
+        if proc.returncode != 0:
+            return f"`ray health-check --address {address}` failed: {_last_line(err) or proc.returncode}"
+        return None
+
+    async def _bounded(self, fn, timeout: float, what: str):
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn), timeout)
+        except asyncio.TimeoutError:
+            raise RayError(f"{what} did not return within {timeout:g}s") from None
+        except RayError:
+            raise
+        except Exception as exc:  # Ray raises many types; keep the cause in the text.
+            raise RayError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _last_line(output: bytes | None) -> str:
+    """The line that explains a failure: the last one naming an error, else the last."""
+    text = _ANSI.sub("", (output or b"").decode(errors="replace"))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errors or lines or [""])[-1]

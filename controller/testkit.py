@@ -1,0 +1,150 @@
+"""Test kit: start controllers as real processes, read their status and logs,
+and kill a node the way a machine failure would. Used by tests and bench/.
+
+A node is killed as a whole: its controller pid, the process group of its Ray
+daemons (`ray_pgid` in /status) and every descendant of those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from controller import processes
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port outside Ray's default worker port range (10002-19999)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if not 10002 <= port <= 19999:
+            return port
+
+
+@dataclass
+class ControllerProcess:
+    """One `python -m controller` process started by a test, in its own session."""
+
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen
+    control_port: int | None = None
+    extra_pids: set[int] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.log_path)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stderr_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+def start_controller(args: list[str], log_path: Path, env: dict[str, str] | None = None,
+                     control_port: int | None = None) -> ControllerProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLMCTL_")}
+    full_env.update(env or {})
+    log_file = open(log_path, "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller", *args],
+        stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env=full_env, start_new_session=True,
+    )
+    log_file.close()
+    return ControllerProcess(args=args, log_path=log_path, proc=proc, control_port=control_port)
+
+
+def read_events(log_path: Path) -> list[dict[str, Any]]:
+    events = []
+    for line in Path(log_path).read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return events
+
+
+def transitions(events: list[dict[str, Any]], node_id: str | None = None) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("event") == "transition"
+            and (node_id is None or e.get("node_id") == node_id)]
+
+
+def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def status(control_port: int, host: str = "127.0.0.1") -> dict[str, Any]:
+    return get_json(f"http://{host}:{control_port}/status")[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.5,
+             what: str = "condition") -> Any:
+    """Poll `predicate` until it returns a truthy value; raise TimeoutError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (OSError, ValueError, KeyError) as exc:
+            last_error = exc
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout:g}s (last error: {last_error})")
+
+
+def wait_cluster_state(control_port: int, state: str, timeout: float) -> dict[str, Any]:
+    def check():
+        s = status(control_port)
+        return s if s["cluster"]["state"] == state else None
+    return wait_for(check, timeout, what=f"cluster state {state}")
+
+
+def node_pids(node: dict[str, Any]) -> set[int]:
+    """All live processes of a node from its /status entry: controller, Ray group, descendants."""
+    roots = {node["pid"]} if node.get("pid") else set()
+    groups = {node["ray_pgid"]} if node.get("ray_pgid") else set()
+    return processes.tree(roots, groups)
+
+
+def kill_node(node: dict[str, Any]) -> set[int]:
+    """SIGKILL every process of a node at once, as a machine failure would. Returns the pids."""
+    pids = node_pids(node)
+    left = processes.kill_now(pids)
+    if left:
+        raise RuntimeError(f"processes survived SIGKILL: {sorted(left)}")
+    return pids
+
+
+def stop_everything(pids: set[int], pgids: set[int], grace: float = 10.0) -> set[int]:
+    """Test cleanup: stop what a test started (by pid and group); returns survivors."""
+    return processes.terminate(processes.tree(pids, pgids), grace)

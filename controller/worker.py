@@ -1,0 +1,190 @@
+"""A worker node's effects: join the head with bounded retries, register with
+the coordinator, follow the cluster, and leave in order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_fixed
+
+from controller.config import Config
+from controller.coordinator import CoordinatorClient, iso_now
+from controller.logs import log
+from controller.loop import Board
+from controller.monitors import CoordinatorWatch, GcsCliMonitor
+from controller.ray_adapter import RayAdapter, RayError, tcp_answers
+from controller.tasks import TaskSet, every
+from states import Moved, Observation, State
+
+LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
+MONITORS = ("heartbeat", "watch", "gcs_cli_monitor")
+
+
+class JoinError(RuntimeError):
+    """One join attempt failed; another may succeed."""
+
+
+class WorkerNode:
+    def __init__(self, config: Config, board: Board) -> None:
+        self.config = config
+        self.board = board
+        self.ray = RayAdapter(config.node_ip_address)
+        self.coordinator: CoordinatorClient | None = None
+        self.tasks = TaskSet(self._task_failed)
+        self.ray_node_id: str | None = None
+        self.state = State.INIT
+        self._reports: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self._shutdown_done = False
+        self._epoch: int | None = None
+
+    # -- Effects protocol --------------------------------------------------------------
+
+    def epoch(self) -> int | None:
+        """The epoch this node is in; kept after the coordinator is gone, for the last logs."""
+        if self.coordinator is not None:
+            self._epoch = self.coordinator.epoch
+        return self._epoch
+
+    def on_moved(self, moved: Moved, record: dict[str, Any]) -> None:
+        self.state = moved.dest
+        if moved.dest is State.JOINING and moved.source is not State.INIT:
+            # A rejoin: the old connection belongs to a cluster that is gone.
+            self.tasks.forget("join")
+            for name in MONITORS:
+                self.tasks.forget(name)
+            self.board.set(joined=False, health_failures=0, last_health_error=None,
+                           cluster_state=None, cluster_epoch=None, head_reachable=False)
+            self.board.health("coordinator", None)
+            self.board.health("gcs_cli", None)
+        self._reports.put_nowait((moved.dest.value, record))
+
+    async def ensure(self, state: State, obs: Observation) -> None:
+        if self._shutdown_done:
+            return  # nothing may start again once the node began to stop
+        self.tasks.ensure("reporter", self._report_loop)
+        if state is State.JOINING:
+            self.tasks.ensure("join", self._join)
+        elif state in LIVE_STATES and self.coordinator is not None:
+            watch = CoordinatorWatch(self.coordinator, self.board, self.config.node_id)
+            cli = GcsCliMonitor(self.ray, self.config.head_address, self.board)
+            self.tasks.ensure("heartbeat", lambda: every(self.config.health_interval, watch.heartbeat, "heartbeat"))
+            self.tasks.ensure("watch", lambda: every(0.0, watch.watch, "watch"))
+            # `ray health-check` is costly: rarely while healthy, more often once in doubt.
+            self.tasks.ensure("gcs_cli_monitor", lambda: every(self._cli_interval, cli.check, "gcs_cli"))
+        elif state is State.DRAINING:
+            self.tasks.ensure("leave", self._leave)
+
+    def _cli_interval(self) -> float:
+        if self.board.get("health_failures", 0):
+            return max(5.0, self.config.health_interval)
+        return self.config.health_cli_interval
+
+    def _task_failed(self, name: str, exc: BaseException) -> None:
+        if name == "join":
+            self.board.set(fatal=str(exc))
+        elif name == "leave":
+            self.board.set(drained=True)
+
+    # -- joining -----------------------------------------------------------------------
+
+    async def _join(self) -> None:
+        cfg = self.config
+        await self._release_ray()
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(cfg.join_attempts),
+            wait=wait_fixed(cfg.join_delay),
+            retry=retry_if_exception_type((JoinError, RayError, asyncio.TimeoutError)),
+            reraise=True,
+            before_sleep=self._log_retry,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    number = attempt.retry_state.attempt_number
+                    log.info("join_attempt", attempt=number, attempts=cfg.join_attempts,
+                             head_address=cfg.head_address)
+                    try:
+                        await asyncio.wait_for(self._join_once(), cfg.join_attempt_timeout)
+                    except asyncio.TimeoutError:
+                        await self._release_ray()
+                        raise JoinError(f"join attempt took longer than {cfg.join_attempt_timeout:g}s") from None
+                    except BaseException:
+                        await self._release_ray()
+                        raise
+        except (JoinError, RayError) as exc:
+            raise JoinError(f"could not join the head at {cfg.head_address} after "
+                            f"{cfg.join_attempts} attempts: {exc}") from None
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("join_attempt_failed", attempt=state.attempt_number, attempts=self.config.join_attempts,
+                    wait_s=state.next_action.sleep if state.next_action else None,
+                    error=str(exc) if exc else None)
+
+    async def _join_once(self) -> None:
+        cfg = self.config
+        unreachable = await asyncio.to_thread(tcp_answers, cfg.head_host, cfg.head_port)
+        if unreachable:  # `ray start` would hang for minutes on a head that is not there
+            raise JoinError(f"head not reachable: {unreachable}")
+        await self.ray.start(["--address", cfg.head_address] + (
+            ["--object-store-memory", str(cfg.object_store_memory)] if cfg.object_store_memory else []
+        ), timeout=cfg.join_attempt_timeout)
+        await self.ray.connect(cfg.head_address, timeout=30.0)
+        self.ray_node_id = self.ray.ray_node_id()
+        coordinator = await self._find_coordinator()
+        member = {"node_id": cfg.node_id, "role": "worker", "ray_node_id": self.ray_node_id,
+                  "address": cfg.node_ip_address, "pid": os.getpid(),
+                  "ray_pgid": self.ray.node.pgid if self.ray.node else None}
+        await coordinator.register(member)
+        self.coordinator = coordinator
+        log.info("registered", epoch=coordinator.epoch, ray_node_id=self.ray_node_id)
+        self.board.set(joined=True, my_epoch=coordinator.epoch, cluster_epoch=coordinator.epoch)
+
+    async def _find_coordinator(self) -> CoordinatorClient:
+        """The head creates the coordinator right after its Ray head: wait for it briefly."""
+        while True:
+            try:
+                return await CoordinatorClient.attach()
+            except LookupError:
+                await asyncio.sleep(1.0)
+
+    async def _release_ray(self) -> None:
+        self.coordinator = None
+        await self.ray.disconnect()
+        await self.ray.stop_node()
+
+    # -- reporting -----------------------------------------------------------------------
+
+    async def _report_loop(self) -> None:
+        while True:
+            state, record = await self._reports.get()
+            transition = {k: record[k] for k in ("from", "to", "trigger", "reason")}
+            coordinator = self.coordinator
+            if coordinator is None:
+                continue  # not joined (yet, or any more): the log line is the record
+            try:
+                await coordinator.report(self.config.node_id, state, transition)
+            except Exception as exc:
+                log.warning("coordinator_report_failed", state=state, error=f"{type(exc).__name__}: {exc}")
+
+    # -- leaving -------------------------------------------------------------------------
+
+    async def _leave(self) -> None:
+        await self.shutdown(self.config.drain_timeout)
+        self.board.set(drained=True)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Leave the cluster: monitors off, driver closed, our Ray processes stopped."""
+        if self._shutdown_done:
+            return
+        self._shutdown_done = True
+        await self.tasks.cancel(*MONITORS, "join")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 2.0
+        while not self._reports.empty() and loop.time() < end:
+            await asyncio.sleep(0.05)  # let the DRAINING report reach the coordinator
+        await self.tasks.cancel_all()
+        await self._release_ray()
+        log.info("worker_left", at=iso_now())
