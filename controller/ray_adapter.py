@@ -154,6 +154,7 @@ class RayAdapter:
             await asyncio.to_thread(self._stop_group, node.pgid, 5.0)
             raise RayError(f"`ray start` failed (exit {proc.returncode}): {_last_line(out)}")
         self.node = node
+        log.info("ray_started", pgid=node.pgid, args=args)
         return node
 
     def adopt(self, pgid: int) -> None:

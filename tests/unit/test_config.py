@@ -1,0 +1,74 @@
+"""Configuration: precedence, defaults and one-line errors."""
+
+import pytest
+
+from controller.config import ConfigError, load_config
+from controller.ray_adapter import object_store_bytes
+
+
+def test_cli_beats_env_beats_file(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('role = "head"\nray-port = 7001\ncontrol_port = 9001\nwait_timeout = 11\n')
+    env = {"LLMCTL_RAY_PORT": "7002", "LLMCTL_CONTROL_PORT": "9002"}
+    c = load_config(["--config", str(f), "--control-port", "9003"], env)
+    assert (c.role, c.ray_port, c.control_port, c.wait_timeout) == ("head", 7002, 9003, 11.0)
+
+
+def test_config_file_from_environment(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('role = "worker"\nhead_address = "10.0.0.1:6379"\n')
+    c = load_config([], {"LLMCTL_CONFIG": str(f)})
+    assert c.role == "worker" and (c.head_host, c.head_port) == ("10.0.0.1", 6379)
+
+
+def test_local_cluster_defaults():
+    c = load_config(["--role", "head", "--local-workers", "2"], {})
+    assert c.node_ip_address == "127.0.0.2"
+    assert c.expected_workers == 2 and c.expected_nodes == 3
+    assert c.node_id == "head-127.0.0.2"
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    ([], {}, "--role is required"),
+    (["--role", "boss"], {}, "invalid choice"),
+    (["--role", "worker"], {}, "needs --head-address"),
+    (["--role", "worker", "--head-address", "nohost"], {}, "HOST:PORT"),
+    (["--role", "worker", "--head-address", "h:99999"], {}, "port from 1 to 65535"),
+    (["--role", "head", "--ray-port", "0"], {}, "ray-port must be a port"),
+    (["--role", "head", "--ray-port", "abc"], {}, "invalid value 'abc' for ray-port"),
+    (["--role", "head"], {"LLMCTL_WAIT_TIMEOUT": "soon"}, "environment LLMCTL_WAIT_TIMEOUT"),
+    (["--role", "head", "--wait-timeout", "-1"], {}, "wait-timeout must be greater than 0"),
+    (["--role", "head", "--node-ip-address", "not-an-ip"], {}, "not an IP address"),
+    (["--role", "head", "--local-workers", "2", "--expected-workers", "1"], {}, "less than local-workers"),
+    (["--role", "worker", "--head-address", "h:1", "--local-workers", "1"], {}, "head only"),
+    (["--role", "head", "--join-attempts", "0"], {}, "join-attempts must be 1 or more"),
+    (["--role", "head", "--engine", "vllm"], {}, "not available in this version"),
+    (["--role", "head", "--bogus"], {}, "unrecognized arguments"),
+])
+def test_bad_input_is_one_clear_line(argv, env, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(argv, env)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(["--config", str(tmp_path / "missing.toml")], {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("role = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(["--config", str(bad)], {})
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('role = "head"\ncolour = "blue"\n')
+    with pytest.raises(ConfigError, match="unknown setting 'colour'"):
+        load_config(["--config", str(unknown)], {})
+
+
+def test_object_store_sizing():
+    gb = 10**9
+    assert object_store_bytes(10 * gb, 100 * gb) == 3 * gb          # 30% of memory
+    assert object_store_bytes(100 * gb, 2 * gb) == 2 * gb           # /dev/shm is smaller
+    assert object_store_bytes(2000 * gb, 1000 * gb) == 200 * gb     # the 200 GB cap
+    assert object_store_bytes(30 * gb, 100 * gb, nodes_on_machine=3) == 3 * gb  # shared on one machine
+    assert object_store_bytes(100, 100) == 78 * 1024 * 1024         # Ray's minimum

@@ -1,0 +1,91 @@
+"""The coordinator's rules, without Ray: fencing, versions, membership, history."""
+
+import asyncio
+
+import pytest
+
+from controller.coordinator import HISTORY_SIZE, Coordinator, CoordinatorState, StaleEpoch
+
+
+def member(node_id="worker-a", role="worker"):
+    return {"node_id": node_id, "role": role, "ray_node_id": "r-" + node_id, "address": "127.0.0.3",
+            "pid": 123, "ray_pgid": 124}
+
+
+def test_register_requires_current_epoch():
+    c = CoordinatorState(epoch=3)
+    with pytest.raises(StaleEpoch) as err:
+        c.register(member(), epoch=2)
+    assert err.value.current == 3 and "stale epoch 2" in str(err.value)
+    info = c.register(member(), epoch=3)
+    assert info["epoch"] == 3 and info["version"] == 1
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.report("worker-a", 1, "SERVING"),
+    lambda c: c.heartbeat("worker-a", 1),
+    lambda c: c.set_cluster(1, state="SERVING"),
+    lambda c: c.mark_lost(1, ["worker-a"]),
+    lambda c: c.set_desired(1, "drain"),
+    lambda c: c.set_replicas(1, []),
+])
+def test_every_write_is_fenced(call):
+    c = CoordinatorState(epoch=2)
+    c.register(member(), epoch=2)
+    with pytest.raises(StaleEpoch):
+        call(c)
+
+
+def test_report_updates_member_and_history_bounded():
+    c = CoordinatorState(epoch=1)
+    c.register(member(), epoch=1)
+    for i in range(HISTORY_SIZE + 10):
+        c.report("worker-a", 1, "SERVING" if i % 2 else "DEGRADED",
+                 {"from": "A", "to": "B", "trigger": "t", "reason": str(i)})
+    snap = c.snapshot()
+    assert len(snap["transitions"]) == HISTORY_SIZE
+    assert snap["transitions"][-1]["reason"] == str(HISTORY_SIZE + 9)
+    assert snap["members"][0]["state"] == "SERVING"
+
+
+def test_heartbeat_does_not_bump_version():
+    c = CoordinatorState(epoch=1)
+    c.register(member(), epoch=1)
+    v = c.version
+    c.heartbeat("worker-a", 1)
+    assert c.version == v
+
+
+def test_mark_lost_distinguishes_drained_from_lost():
+    c = CoordinatorState(epoch=1)
+    c.register(member("a"), epoch=1)
+    c.register(member("b"), epoch=1)
+    c.report("b", 1, "DRAINING")
+    c.mark_lost(1, ["a", "b"])
+    states = {m["node_id"]: (m["state"], m["alive"]) for m in c.snapshot()["members"]}
+    assert states == {"a": ("LOST", False), "b": ("STOPPED", False)}
+
+
+def test_desired_state_validated():
+    c = CoordinatorState(epoch=1)
+    with pytest.raises(ValueError):
+        c.set_desired(1, "explode")
+
+
+async def test_wait_for_change_long_polls():
+    actor = Coordinator(epoch=1)
+    snap = await actor.wait_for_change(0, timeout=0.05)  # nothing changed: returns at timeout
+    assert snap["version"] == 0
+    waiter = asyncio.create_task(actor.wait_for_change(0, timeout=5))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await actor.set_desired(1, "drain")
+    snap = await asyncio.wait_for(waiter, 1)
+    assert snap["version"] == 1 and snap["desired"] == "drain"
+
+
+def test_stale_epoch_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(StaleEpoch(1, 2)))
+    assert (err.given, err.current) == (1, 2)

@@ -1,0 +1,36 @@
+"""states/ is the functional core: it must not import anything that touches the world."""
+
+import ast
+from pathlib import Path
+
+import states
+
+FORBIDDEN = {"ray", "subprocess", "aiohttp", "http", "urllib", "requests", "httpx", "socket",
+             "asyncio.subprocess", "controller", "os", "time", "signal", "multiprocessing"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_states_imports_no_effects():
+    root = Path(states.__file__).parent
+    files = sorted(root.glob("*.py"))
+    assert files, "states/ has no modules"
+    for path in files:
+        for name in imported_modules(path):
+            top = name.split(".")[0]
+            assert name not in FORBIDDEN and top not in FORBIDDEN, f"{path.name} imports {name}"
+
+
+def test_layering_check_catches_a_forbidden_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import subprocess\nfrom ray.util import x\n")
+    assert {"subprocess", "ray.util"} <= imported_modules(bad)
