@@ -1,0 +1,96 @@
+"""Integration fixtures: real controllers, real Ray, loopback only.
+
+Every process a test starts is recorded (controller pids, Ray process groups)
+and stopped by pid/group at the end, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from controller import processes, testkit as tk
+
+HEAD_IP = "127.0.0.2"
+SERVING_TIMEOUT = 180
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    ray_port: int
+    control_port: int
+    head: tk.ControllerProcess
+    args: list[str]
+    started: list[tk.ControllerProcess] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)
+    pgids: set[int] = field(default_factory=set)
+
+    @property
+    def head_address(self) -> str:
+        return f"{HEAD_IP}:{self.ray_port}"
+
+    def status(self) -> dict:
+        return tk.status(self.control_port)
+
+    def record(self) -> dict:
+        """Remember every node's processes from /status, for the final check and cleanup."""
+        s = self.status()
+        for n in s["nodes"]:
+            if n.get("pid"):
+                self.pids.add(n["pid"])
+            if n.get("ray_pgid"):
+                self.pgids.add(n["ray_pgid"])
+        return s
+
+    def start(self, args: list[str], name: str, control_port: int | None = None) -> tk.ControllerProcess:
+        p = tk.start_controller(args, self.tmp / f"{name}.log", control_port=control_port)
+        self.started.append(p)
+        self.pids.add(p.pid)
+        return p
+
+    def leftovers(self) -> set[int]:
+        return processes.tree(self.pids | {p.pid for p in self.started}, self.pgids)
+
+    def cleanup(self) -> set[int]:
+        for p in self.started:
+            p.terminate()
+        deadline = time.monotonic() + 60
+        for p in self.started:
+            try:
+                p.wait(max(1.0, deadline - time.monotonic()))
+            except Exception:
+                pass
+        return tk.stop_everything(self.pids | {p.pid for p in self.started}, self.pgids)
+
+
+def head_args(ray_port: int, control_port: int, state_dir: Path, *extra: str) -> list[str]:
+    return ["--role", "head", "--ray-port", str(ray_port), "--control-port", str(control_port),
+            "--log-format", "json", "--state-dir", str(state_dir), *extra]
+
+
+def start_cluster(tmp: Path, local_workers: int = 2, extra: tuple[str, ...] = ()) -> Cluster:
+    ray_port, control_port = tk.free_port(), tk.free_port()
+    args = head_args(ray_port, control_port, tmp / "state", "--local-workers", str(local_workers), *extra)
+    cluster = Cluster(tmp=tmp, ray_port=ray_port, control_port=control_port, head=None, args=args)  # type: ignore[arg-type]
+    cluster.head = cluster.start(args, "head", control_port)
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head + 2 local workers, `--engine none`, SERVING. Shared by one module's tests."""
+    c = start_cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        tk.wait_cluster_state(c.control_port, "SERVING", SERVING_TIMEOUT)
+        c.record()
+    except Exception:
+        print(c.head.stderr_tail(40))
+        c.cleanup()
+        raise
+    yield c
+    left = c.cleanup()
+    assert not left, f"processes left after the cluster fixture: {sorted(left)}"

@@ -1,0 +1,142 @@
+"""A real three-node Ray cluster on this machine (head + 2 local workers, each
+its own raylet and loopback address), driven through its life in order:
+serving, a refused second head, a head controller restart, a worker node
+killed and replaced, and a SIGTERM that stops everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from controller import processes, testkit as tk
+
+from .conftest import HEAD_IP, SERVING_TIMEOUT
+
+
+def ray_view(address: str) -> list[tuple[str, bool]]:
+    """What `ray.nodes()` reports, asked from a separate driver process."""
+    code = (
+        "import json, ray\n"
+        f"ray.init(address={address!r}, _node_ip_address={HEAD_IP!r}, logging_level='ERROR')\n"
+        "print(json.dumps(sorted((n['NodeManagerAddress'], n['Alive']) for n in ray.nodes())))\n"
+        "ray.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return [tuple(x) for x in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def test_head_and_two_workers_serve_with_one_epoch(cluster):
+    s = cluster.record()
+    assert s["cluster"]["state"] == "SERVING"
+    assert s["cluster"]["alive_nodes"] == 3 and s["cluster"]["expected_nodes"] == 3
+    nodes = s["nodes"]
+    assert sorted((n["role"], n["address"], n["state"]) for n in nodes) == [
+        ("head", "127.0.0.2", "SERVING"), ("worker", "127.0.0.3", "SERVING"), ("worker", "127.0.0.4", "SERVING")]
+    epochs = {n["epoch"] for n in nodes}
+    assert epochs == {s["cluster"]["epoch"]}, epochs
+    assert all(processes.is_running(n["pid"]) for n in nodes)
+    # Ray itself sees three live nodes, each on its own loopback address.
+    assert ray_view(cluster.head_address) == [("127.0.0.2", True), ("127.0.0.3", True), ("127.0.0.4", True)]
+    # The control endpoints agree.
+    assert tk.get_json(f"http://127.0.0.1:{cluster.control_port}/ready")[0] == 200
+    assert tk.get_json(f"http://127.0.0.1:{cluster.control_port}/healthz") == (200, {"alive": True, "state": "SERVING"})
+    # Each node logged its way to SERVING, one transition event at a time.
+    events = cluster.head.events()
+    for n in nodes:
+        path = [(t["from"], t["to"]) for t in tk.transitions(events, n["node_id"])]
+        assert path[-1][1] == "SERVING", (n["node_id"], path)
+        assert path[0] == ("INIT", "JOINING")
+
+
+def test_second_head_on_the_same_port_is_refused(cluster):
+    before = cluster.status()
+    control = tk.free_port()
+    second = cluster.start(
+        ["--role", "head", "--ray-port", str(cluster.ray_port), "--control-port", str(control),
+         "--node-ip-address", HEAD_IP, "--log-format", "json", "--state-dir", str(cluster.tmp / "state2")],
+        "second-head")
+    t0 = time.monotonic()
+    assert second.wait(90) == 1
+    took = time.monotonic() - t0
+    last = second.log_path.read_text().strip().splitlines()[-1]
+    assert last.startswith("controller: error: another head controller")
+    assert f"pid {cluster.head.pid}" in last
+    assert "Traceback" not in second.log_path.read_text()
+    assert took < 60
+    after = cluster.status()  # the first cluster is untouched
+    assert after["cluster"]["state"] == "SERVING"
+    assert [n["pid"] for n in after["nodes"]] == [n["pid"] for n in before["nodes"]]
+
+
+def test_restarted_head_controller_reattaches_with_the_same_epoch(cluster):
+    before = cluster.record()
+    old_head = cluster.head
+    os.kill(old_head.pid, signal.SIGKILL)  # the controller only: its Ray head lives on
+    old_head.wait(10)
+    cluster.head = cluster.start(cluster.args, "head-restarted", cluster.control_port)
+    after = tk.wait_cluster_state(cluster.control_port, "SERVING", SERVING_TIMEOUT)
+    cluster.record()
+    assert after["cluster"]["epoch"] == before["cluster"]["epoch"]
+    workers_before = {n["node_id"]: (n["pid"], n["ray_pgid"]) for n in before["nodes"] if n["role"] == "worker"}
+    workers_after = {n["node_id"]: (n["pid"], n["ray_pgid"]) for n in after["nodes"] if n["role"] == "worker"}
+    assert workers_after == workers_before  # workers untouched
+    head_after = next(n for n in after["nodes"] if n["role"] == "head")
+    assert head_after["pid"] == cluster.head.pid != old_head.pid
+    assert head_after["ray_pgid"] == next(n["ray_pgid"] for n in before["nodes"] if n["role"] == "head")
+    events = cluster.head.events()
+    attach = [e for e in events if e["event"] == "coordinator_reattached"]
+    assert attach and attach[0]["epoch"] == before["cluster"]["epoch"]
+    assert not [e for e in events if e["event"] == "local_worker_started"]
+    # Workers never left SERVING: no worker transition after the restart.
+    worker_moves = [t for t in tk.transitions(old_head.events()) if t["role"] == "worker"
+                    and t["timestamp"] > attach[0]["timestamp"]]
+    assert worker_moves == []
+
+
+def test_killed_worker_node_degrades_and_a_new_worker_recovers(cluster):
+    s = cluster.record()
+    victim = next(n for n in s["nodes"] if n["address"] == "127.0.0.3")
+    t0 = time.monotonic()
+    killed = tk.kill_node(victim)
+    assert victim["pid"] in killed and len(killed) >= 3  # controller, raylet and its helpers
+    degraded = tk.wait_cluster_state(cluster.control_port, "DEGRADED", 60)
+    detect_s = time.monotonic() - t0
+    lost = next(n for n in degraded["nodes"] if n["node_id"] == victim["node_id"])
+    assert lost["state"] == "LOST" and lost["alive"] is False
+    assert degraded["cluster"]["alive_nodes"] == 2
+    head_moves = tk.transitions(cluster.head.events(), "head-127.0.0.2")
+    assert head_moves[-1]["trigger"] == "node_lost" and "2/3 nodes alive" in head_moves[-1]["reason"]
+    print(f"worker SIGKILL -> DEGRADED on /status: {detect_s:.1f}s")
+
+    newcomer = cluster.start(["--role", "worker", "--head-address", cluster.head_address,
+                              "--node-ip-address", "127.0.0.5", "--log-format", "json",
+                              "--join-delay", "2"], "worker-127.0.0.5")
+    s = tk.wait_cluster_state(cluster.control_port, "SERVING", SERVING_TIMEOUT)
+    cluster.record()
+    serving = sorted(n["address"] for n in s["nodes"] if n["state"] == "SERVING")
+    assert serving == ["127.0.0.2", "127.0.0.4", "127.0.0.5"]
+    assert tk.transitions(cluster.head.events(), "head-127.0.0.2")[-1]["trigger"] == "recovered"
+    assert newcomer.proc.poll() is None
+
+
+def test_sigterm_to_head_stops_every_node_and_leaves_nothing(cluster):
+    s = cluster.record()
+    live = [n for n in s["nodes"] if n["alive"]]
+    assert len(live) == 3
+    cluster.head.terminate()
+    assert cluster.head.wait(120) == 0
+    logs = [p.log_path for p in cluster.started]
+    events = [e for path in logs for e in tk.read_events(path)]
+    for n in live:
+        last = tk.transitions(events, n["node_id"])[-1]
+        assert (last["from"], last["to"]) == ("DRAINING", "STOPPED"), (n["node_id"], last)
+    head_drain = [t for t in tk.transitions(events, "head-127.0.0.2") if t["to"] == "DRAINING"][-1]
+    assert head_drain["reason"] == "SIGTERM received"
+    worker_drains = [t for t in tk.transitions(events) if t["role"] == "worker" and t["to"] == "DRAINING"]
+    assert {t["reason"] for t in worker_drains} == {"the head asked the cluster to drain"}
+    # Nothing of the test's is left: controllers, Ray daemons, Ray workers.
+    tk.wait_for(lambda: not cluster.leftovers(), 30, what="no process of the test left")
