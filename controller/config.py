@@ -71,7 +71,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("ray_health_check", str, "controller",
            "Ray node failure detection settings", ("controller", "ray")),
     Option("health_interval", float, 2.0, "seconds between in-process health checks"),
-    Option("health_cli_interval", float, 30.0, "seconds between `ray health-check` runs"),
+    Option("health_cli_interval", float, 60.0, "seconds between `ray health-check` runs"),
     Option("failure_threshold", int, 3, "consecutive failed health checks before DEGRADED"),
     Option("tick_interval", float, 1.0, "seconds between reconcile ticks"),
     Option("state_dir", str, None, "where the head keeps its cluster epoch"),

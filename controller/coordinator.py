@@ -12,7 +12,6 @@ is the thin actor around it; `CoordinatorClient` is what controllers call.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from datetime import datetime, timezone
 from typing import Any

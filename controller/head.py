@@ -16,11 +16,16 @@ from controller.local_cluster import LocalWorkers
 from controller.logs import log
 from controller.loop import Board
 from controller.monitors import ClusterMonitor, GcsCliMonitor
+from controller.node import NodeBase
 from controller.ray_adapter import (
-    HEALTH_CHECK_PRESETS, RayAdapter, RayError, available_memory, object_store_bytes,
-    port_free, shm_size, tcp_answers,
+    HEALTH_CHECK_PRESETS,
+    RayError,
+    available_memory,
+    object_store_bytes,
+    port_free,
+    shm_size,
 )
-from controller.tasks import TaskSet, every
+from controller.tasks import every
 from states import Moved, Observation, State
 
 RAY_START_TIMEOUT = 60.0
@@ -45,39 +50,23 @@ def next_epoch(state_dir: str) -> int:
     return last + 1
 
 
-class HeadNode:
+class HeadNode(NodeBase):
     def __init__(self, config: Config, board: Board) -> None:
-        self.config = config
-        self.board = board
-        self.ray = RayAdapter(config.node_ip_address)
-        self.coordinator: CoordinatorClient | None = None
-        self.tasks = TaskSet(self._task_failed)
+        super().__init__(config, board)
         self.object_store = config.object_store_memory or object_store_bytes(
             available_memory(), shm_size(), nodes_on_machine=1 + config.local_workers
         )
         self.local = LocalWorkers(config, self.object_store)
         self.address = config.node_ip_address
-        self.ray_node_id: str | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=200)
-        self.state = State.INIT
         self.since = iso_now()
-        self._reports: asyncio.Queue[tuple[str, dict[str, Any] | None]] = asyncio.Queue()
-        self._shutdown_done = False
-        self._epoch: int | None = None
 
     # -- Effects protocol --------------------------------------------------------------
 
-    def epoch(self) -> int | None:
-        """The epoch this node is in; kept after the coordinator is gone, for the last logs."""
-        if self.coordinator is not None:
-            self._epoch = self.coordinator.epoch
-        return self._epoch
-
     def on_moved(self, moved: Moved, record: dict[str, Any]) -> None:
-        self.state = moved.dest
+        super().on_moved(moved, record)
         self.since = iso_now()
         self.history.append({"at": self.since, "node_id": self.config.node_id, **record})
-        self._reports.put_nowait((moved.dest.value, record))
 
     async def ensure(self, state: State, obs: Observation) -> None:
         if self._shutdown_done:
@@ -113,11 +102,8 @@ class HeadNode:
             await self._start_new_cluster()
         else:
             await self._reattach()
-        info = {"node_id": cfg.node_id, "role": "head", "ray_node_id": self.ray_node_id,
-                "address": self.address, "pid": os.getpid(),
-                "ray_pgid": self.ray.node.pgid if self.ray.node else None}
         assert self.coordinator is not None
-        await self.coordinator.register(info)
+        await self.coordinator.register(self.member_info("head", self.address))
         await self.coordinator.set_cluster(state=self.state.value, mode=cfg.mode,
                                            expected_nodes=cfg.expected_nodes)
         self.board.set(head_up=True)
@@ -190,18 +176,14 @@ class HeadNode:
 
     # -- reporting -----------------------------------------------------------------------
 
-    async def _report_loop(self) -> None:
-        """Send transitions to the coordinator in order, once it exists."""
-        while True:
-            state, record = await self._reports.get()
-            while self.coordinator is None:
-                await asyncio.sleep(0.2)
-            transition = None if record is None else {k: record[k] for k in ("from", "to", "trigger", "reason")}
-            try:
-                await self.coordinator.report(self.config.node_id, state, transition)
-                await self.coordinator.set_cluster(state=state)
-            except Exception as exc:
-                log.warning("coordinator_report_failed", state=state, error=f"{type(exc).__name__}: {exc}")
+    async def _report_target(self) -> CoordinatorClient | None:
+        """Transitions before the coordinator exists (INIT -> JOINING) wait for it."""
+        while self.coordinator is None and not self._shutdown_done:
+            await asyncio.sleep(0.2)
+        return self.coordinator
+
+    async def _after_report(self, coordinator: CoordinatorClient, state: str) -> None:
+        await coordinator.set_cluster(state=state)  # workers follow the head's state
 
     # -- shutdown ------------------------------------------------------------------------
 
@@ -226,7 +208,7 @@ class HeadNode:
                 members = (await self.coordinator.snapshot())["members"]
             except Exception as exc:
                 log.warning("drain_coordination_failed", error=f"{type(exc).__name__}: {exc}")
-            await self._drain_reports(1.0)
+            await self._flush_reports(1.0)
         left = await self.local.stop(members, grace=max(1.0, deadline - loop.time()))
         await self.tasks.cancel_all()
         self.coordinator = None
@@ -249,12 +231,6 @@ class HeadNode:
                 return
             await asyncio.sleep(0.5)
         log.warning("drain_timeout_workers_remain")
-
-    async def _drain_reports(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while not self._reports.empty() and loop.time() < end:
-            await asyncio.sleep(0.05)
 
     # -- status ------------------------------------------------------------------------
 

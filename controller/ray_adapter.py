@@ -11,7 +11,6 @@ import asyncio
 import os
 import re
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path

@@ -4,18 +4,22 @@ the coordinator, follow the cluster, and leave in order."""
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_fixed
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_fixed,
+)
 
-from controller.config import Config
 from controller.coordinator import CoordinatorClient, iso_now
 from controller.logs import log
-from controller.loop import Board
 from controller.monitors import CoordinatorWatch, GcsCliMonitor
-from controller.ray_adapter import RayAdapter, RayError, tcp_answers
-from controller.tasks import TaskSet, every
+from controller.node import NodeBase
+from controller.ray_adapter import RayError, tcp_answers
+from controller.tasks import every
 from states import Moved, Observation, State
 
 LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
@@ -26,26 +30,8 @@ class JoinError(RuntimeError):
     """One join attempt failed; another may succeed."""
 
 
-class WorkerNode:
-    def __init__(self, config: Config, board: Board) -> None:
-        self.config = config
-        self.board = board
-        self.ray = RayAdapter(config.node_ip_address)
-        self.coordinator: CoordinatorClient | None = None
-        self.tasks = TaskSet(self._task_failed)
-        self.ray_node_id: str | None = None
-        self.state = State.INIT
-        self._reports: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-        self._shutdown_done = False
-        self._epoch: int | None = None
-
+class WorkerNode(NodeBase):
     # -- Effects protocol --------------------------------------------------------------
-
-    def epoch(self) -> int | None:
-        """The epoch this node is in; kept after the coordinator is gone, for the last logs."""
-        if self.coordinator is not None:
-            self._epoch = self.coordinator.epoch
-        return self._epoch
 
     def on_moved(self, moved: Moved, record: dict[str, Any]) -> None:
         self.state = moved.dest
@@ -58,7 +44,7 @@ class WorkerNode:
                            cluster_state=None, cluster_epoch=None, head_reachable=False)
             self.board.health("coordinator", None)
             self.board.health("gcs_cli", None)
-        self._reports.put_nowait((moved.dest.value, record))
+        super().on_moved(moved, record)
 
     async def ensure(self, state: State, obs: Observation) -> None:
         if self._shutdown_done:
@@ -134,10 +120,7 @@ class WorkerNode:
         await self.ray.connect(cfg.head_address, timeout=30.0)
         self.ray_node_id = self.ray.ray_node_id()
         coordinator = await self._find_coordinator()
-        member = {"node_id": cfg.node_id, "role": "worker", "ray_node_id": self.ray_node_id,
-                  "address": cfg.node_ip_address, "pid": os.getpid(),
-                  "ray_pgid": self.ray.node.pgid if self.ray.node else None}
-        await coordinator.register(member)
+        await coordinator.register(self.member_info("worker", cfg.node_ip_address))
         self.coordinator = coordinator
         log.info("registered", epoch=coordinator.epoch, ray_node_id=self.ray_node_id)
         self.board.set(joined=True, my_epoch=coordinator.epoch, cluster_epoch=coordinator.epoch)
@@ -155,20 +138,6 @@ class WorkerNode:
         await self.ray.disconnect()
         await self.ray.stop_node()
 
-    # -- reporting -----------------------------------------------------------------------
-
-    async def _report_loop(self) -> None:
-        while True:
-            state, record = await self._reports.get()
-            transition = {k: record[k] for k in ("from", "to", "trigger", "reason")}
-            coordinator = self.coordinator
-            if coordinator is None:
-                continue  # not joined (yet, or any more): the log line is the record
-            try:
-                await coordinator.report(self.config.node_id, state, transition)
-            except Exception as exc:
-                log.warning("coordinator_report_failed", state=state, error=f"{type(exc).__name__}: {exc}")
-
     # -- leaving -------------------------------------------------------------------------
 
     async def _leave(self) -> None:
@@ -181,10 +150,7 @@ class WorkerNode:
             return
         self._shutdown_done = True
         await self.tasks.cancel(*MONITORS, "join")
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 2.0
-        while not self._reports.empty() and loop.time() < end:
-            await asyncio.sleep(0.05)  # let the DRAINING report reach the coordinator
+        await self._flush_reports(2.0)  # let the DRAINING report reach the coordinator
         await self.tasks.cancel_all()
         await self._release_ray()
         log.info("worker_left", at=iso_now())

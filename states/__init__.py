@@ -4,7 +4,16 @@ Nothing here touches the world: no Ray, no subprocesses, no HTTP, no wall clock.
 """
 
 from states.decide import Decision, Limits, Observation, decide
-from states.lifecycle import HEAD_TABLE, WORKER_TABLE, Role, State, Transition, Trigger, next_state, table_for
+from states.lifecycle import (
+    HEAD_TABLE,
+    WORKER_TABLE,
+    Role,
+    State,
+    Transition,
+    Trigger,
+    next_state,
+    table_for,
+)
 from states.machine import Lifecycle, MachineError, Moved
 
 __all__ = [

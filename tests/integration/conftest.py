@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from controller import processes, testkit as tk
+from controller import processes
+from controller import testkit as tk
 
 HEAD_IP = "127.0.0.2"
 SERVING_TIMEOUT = 180

@@ -12,7 +12,8 @@ import subprocess
 import sys
 import time
 
-from controller import processes, testkit as tk
+from controller import processes
+from controller import testkit as tk
 
 from .conftest import HEAD_IP, SERVING_TIMEOUT
 

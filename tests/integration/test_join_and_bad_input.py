@@ -6,7 +6,7 @@ import re
 import socket
 import time
 
-from controller import processes, testkit as tk
+from controller import testkit as tk
 
 from .conftest import HEAD_IP, SERVING_TIMEOUT, Cluster, head_args
 

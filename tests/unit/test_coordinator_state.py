@@ -4,7 +4,12 @@ import asyncio
 
 import pytest
 
-from controller.coordinator import HISTORY_SIZE, Coordinator, CoordinatorState, StaleEpoch
+from controller.coordinator import (
+    HISTORY_SIZE,
+    Coordinator,
+    CoordinatorState,
+    StaleEpoch,
+)
 
 
 def member(node_id="worker-a", role="worker"):

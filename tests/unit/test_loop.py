@@ -1,7 +1,6 @@
 """The reconcile loop with a fake clock and fake effects: scripts of observations."""
 
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from controller.loop import Board, NodeLoop

@@ -2,10 +2,11 @@
 
 import asyncio
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controller.loop import Board, NodeLoop
-from states import Limits, Role, State, Trigger, next_state
+from states import Limits, Role, State, next_state
 
 EVENTS = st.one_of(
     st.fixed_dictionaries({"head_up": st.booleans()}),

@@ -1,0 +1,76 @@
+"""The one-machine quickstart: a head and local worker nodes, `/status` printed
+once the cluster serves, then a clean drain and stop (or `--stay` to keep it).
+
+    python -m controller.quickstart [--stay] [--local-workers N] [head flags...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from controller import testkit as tk
+
+SERVING_TIMEOUT_S = 600
+
+
+def print_status(status: dict) -> None:
+    c = status["cluster"]
+    print(f"\ncluster {c['state']}  epoch {c['epoch']}  nodes {c['alive_nodes']}/{c['expected_nodes']}"
+          f"  mode {c['mode']}  engine {c['engine']}")
+    for n in status["nodes"]:
+        print(f"  {n['role']:<7} {n['node_id']:<20} {n['state']:<20} {n['address']:<12} pid {n['pid']}")
+    print("\n/status:")
+    print(json.dumps(status, indent=2))
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controller.quickstart", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stay", action="store_true", help="keep the cluster up until Ctrl-C")
+    parser.add_argument("--local-workers", type=int, default=2)
+    parser.add_argument("--control-port", type=int, default=8080)
+    args, head_flags = parser.parse_known_args(argv)
+    cmd = [sys.executable, "-m", "controller", "--role", "head", "--local-workers", str(args.local_workers),
+           "--control-port", str(args.control_port), *head_flags]
+    print("quickstart: " + " ".join(cmd[1:]), flush=True)
+    t0 = time.monotonic()
+    head = subprocess.Popen(cmd)
+    try:
+        def serving():
+            if head.poll() is not None:
+                raise SystemExit(head.returncode or 1)
+            s = tk.status(args.control_port)
+            return s if s["cluster"]["state"] == "SERVING" else None
+
+        status = tk.wait_for(serving, SERVING_TIMEOUT_S, interval=1.0, what="cluster SERVING")
+        print(f"\nquickstart: cluster SERVING after {time.monotonic() - t0:.1f}s", flush=True)
+        print_status(status)
+        if args.stay:
+            print("\nquickstart: staying up; Ctrl-C drains and stops the cluster", flush=True)
+            return head.wait()
+        print("\nquickstart: draining and stopping", flush=True)
+        head.send_signal(signal.SIGTERM)
+        code = head.wait(timeout=300)
+        print(f"quickstart: controller exited with {code}", flush=True)
+        return code
+    except KeyboardInterrupt:
+        head.send_signal(signal.SIGTERM)
+        return head.wait(timeout=300)
+    except TimeoutError as exc:
+        print(f"quickstart: error: {exc}", file=sys.stderr)
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=300)
+        return 1
+    finally:
+        if head.poll() is None:
+            head.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
