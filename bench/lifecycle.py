@@ -16,13 +16,14 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from controller import testkit as tk
+from controller import processes, testkit as tk
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -72,6 +73,19 @@ class Run:
                     180, interval=0.1, what="DEGRADED")
         return time.monotonic() - t
 
+    def hang_worker_and_time_detection(self, status: dict) -> float:
+        """SIGSTOP every process of a worker node (a hung machine), time DEGRADED, then kill it."""
+        victim = next(n for n in status["nodes"] if n["role"] == "worker")
+        pids = tk.node_pids(victim)
+        t = time.monotonic()
+        processes.signal_all(pids, signal.SIGSTOP)
+        try:
+            tk.wait_for(lambda: tk.status(self.control_port)["cluster"]["state"] == "DEGRADED",
+                        180, interval=0.1, what="DEGRADED")
+            return time.monotonic() - t
+        finally:
+            processes.kill_now(pids)
+
     def stop(self) -> None:
         self.head.terminate()
         try:
@@ -110,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--hang-runs", type=int, default=1, help="SIGSTOP runs per preset")
     parser.add_argument("--out", default="bench/results/lifecycle.json")
     args = parser.parse_args(argv)
     results: dict = {"config": vars(args), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                     "serving_s": [], "detect_s": {"ray": [], "controller": []}, "idle_cpu": None}
+                     "serving_s": [], "detect_s": {"ray": [], "controller": []},
+                     "hang_detect_s": {"ray": [], "controller": []}, "idle_cpu": None}
     with tempfile.TemporaryDirectory(prefix="bench-lifecycle-") as tmp:
         for i in range(args.runs):
             for preset in ("ray", "controller"):
@@ -129,9 +145,20 @@ def main(argv: list[str] | None = None) -> int:
                           f"worker SIGKILL -> DEGRADED in {detect:.2f}s", flush=True)
                 finally:
                     run.stop()
+        for i in range(args.hang_runs):
+            for preset in ("ray", "controller"):
+                run = Run(Path(tmp), preset)
+                try:
+                    _, status = run.wait_serving()
+                    hang = run.hang_worker_and_time_detection(status)
+                    results["hang_detect_s"][preset].append(round(hang, 2))
+                    print(f"hang run {i + 1} preset={preset}: worker SIGSTOP -> DEGRADED in {hang:.2f}s", flush=True)
+                finally:
+                    run.stop()
     summary = {
         "serving_s_median": statistics.median(results["serving_s"]),
         "detect_s_median": {k: statistics.median(v) for k, v in results["detect_s"].items() if v},
+        "hang_detect_s_median": {k: statistics.median(v) for k, v in results["hang_detect_s"].items() if v},
     }
     results["summary"] = summary
     out = Path(args.out)
@@ -142,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     for preset, v in summary["detect_s_median"].items():
         print(f"| worker SIGKILL -> DEGRADED, `--ray-health-check {preset}`, median of {len(results['detect_s'][preset])} "
               f"| {v:.2f} s (runs: {results['detect_s'][preset]}) |")
+    for preset, v in summary["hang_detect_s_median"].items():
+        print(f"| worker SIGSTOP (hung) -> DEGRADED, `--ray-health-check {preset}`, median of "
+              f"{len(results['hang_detect_s'][preset])} | {v:.2f} s |")
     for nid, cpu in (results["idle_cpu"] or {}).items():
         print(f"| idle CPU over {args.idle_seconds:g}s, {nid}: controller / with its `ray health-check` "
               f"runs / the node's Ray processes | {cpu['controller_cpu_pct']}% / "
