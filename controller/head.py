@@ -29,6 +29,7 @@ from controller.tasks import every
 from states import Moved, Observation, State
 
 RAY_START_TIMEOUT = 60.0
+STALE_GCS_WAIT_S = 90.0
 LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
 
 
@@ -114,7 +115,7 @@ class HeadNode(NodeBase):
                  object_store_bytes=self.object_store, health_check=cfg.ray_health_check)
         args = ["--head", "--port", str(cfg.ray_port), "--object-store-memory", str(self.object_store),
                 "--dashboard-host", "127.0.0.1"]
-        await self.ray.start(args, RAY_START_TIMEOUT, env=HEALTH_CHECK_PRESETS[cfg.ray_health_check])
+        await self._ray_start_head(args)
         await self.ray.connect(self.gcs_address, timeout=30.0)
         self.ray_node_id = self.ray.ray_node_id()
         if self.address is None:
@@ -122,6 +123,25 @@ class HeadNode(NodeBase):
         epoch = next_epoch(cfg.state_dir)
         self.coordinator = await CoordinatorClient.create_or_attach(epoch, self.ray_node_id)
         log.info("coordinator_created", actor=ACTOR_NAME, epoch=self.coordinator.epoch)
+
+    async def _ray_start_head(self, args: list[str]) -> None:
+        """`ray start --head`, waiting out the Ray processes of a dead head's nodes.
+
+        Ray refuses a head at an address that any local process still names as its
+        GCS. On one machine, the nodes of a head that just died still do so for up
+        to ~30 s, until their raylets notice the GCS is gone and exit.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STALE_GCS_WAIT_S
+        while True:
+            try:
+                await self.ray.start(args, RAY_START_TIMEOUT, env=HEALTH_CHECK_PRESETS[self.config.ray_health_check])
+                return
+            except RayError as exc:
+                if "is already running at" not in str(exc) or loop.time() >= deadline:
+                    raise
+                log.warning("ray_head_address_still_named", error=str(exc), retry_in_s=5)
+                await asyncio.sleep(5)
 
     async def _reattach(self) -> None:
         """The Ray port is taken: our own Ray head left by a previous controller, or not ours."""

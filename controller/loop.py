@@ -8,6 +8,7 @@ Monitors and effects only write the board and wake the loop early.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Protocol
 
@@ -21,6 +22,7 @@ class Board:
     def __init__(self) -> None:
         self._values: dict[str, Any] = {}
         self._failures: dict[str, tuple[int, str | None]] = {}
+        self._failing_since: dict[str, float] = {}
         self.wake = asyncio.Event()
 
     def set(self, **values: Any) -> None:
@@ -44,11 +46,17 @@ class Board:
         """
         if error is None:
             self._failures[source] = (0, None)
+            self._failing_since.pop(source, None)
         else:
             count = self._failures.get(source, (0, None))[0] + 1
             self._failures[source] = (count, error)
+            self._failing_since.setdefault(source, time.monotonic())
         count, worst = max(self._failures.values(), key=lambda item: item[0])
         self.set(health_failures=count, last_health_error=worst)
+
+    def failing_since(self, source: str) -> float | None:
+        """time.monotonic() of the first of the current run of failures of `source`."""
+        return self._failing_since.get(source)
 
     def observe(self, now: float, entered_at: float) -> Observation:
         return replace(Observation(now=now, entered_at=entered_at), **self._values)

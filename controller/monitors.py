@@ -4,6 +4,7 @@ none of them changes a state. The loop decides."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from controller.coordinator import CoordinatorClient, StaleEpoch
@@ -77,9 +78,13 @@ class GcsCliMonitor:
         self.board = board
 
     async def check(self) -> None:
+        started = time.monotonic()
         error = await self.ray.cli_health_check(self.address)
         self.board.health("gcs_cli", error)
-        self.board.set(head_reachable=error is None)
+        # "Reachable again" only counts when the GCS answered after the coordinator
+        # stopped answering: an older success says nothing about a new cluster.
+        doubt = self.board.failing_since("coordinator")
+        self.board.set(head_reachable=error is None and doubt is not None and started > doubt)
         if error:
             log.warning("gcs_health_check_failed", address=self.address, error=error)
 

@@ -49,18 +49,21 @@ def is_running(pid: int) -> bool:
     return info is not None and info.state not in ("Z", "X")
 
 
-def tree(roots: set[int] = frozenset(), pgids: set[int] = frozenset()) -> set[int]:
-    """The given pids, the members of the given process groups, and all their descendants."""
+def tree(roots: set[int] = frozenset(), pgids: set[int] = frozenset(),
+         exclude: set[int] = frozenset()) -> set[int]:
+    """The given pids, the members of the given process groups, and all their
+    descendants, but not the `exclude` pids nor anything below them."""
     table = process_table()
     found = {pid for pid in roots if pid in table}
     found |= {p.pid for p in table.values() if p.pgid in pgids}
+    found -= set(exclude)
     children: dict[int, list[int]] = {}
     for p in table.values():
         children.setdefault(p.ppid, []).append(p.pid)
     stack = list(found)
     while stack:
         for child in children.get(stack.pop(), []):
-            if child not in found:
+            if child not in found and child not in exclude:
                 found.add(child)
                 stack.append(child)
     found.discard(os.getpid())

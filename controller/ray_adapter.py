@@ -103,7 +103,10 @@ def tcp_answers(host: str, port: int, timeout: float = 2.0) -> str | None:
 
 
 def port_free(host: str | None, port: int) -> bool:
+    """True unless something listens on host:port. SO_REUSEADDR, as servers (Ray's
+    GCS among them) use it: connections of a dead server in TIME_WAIT do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host or "0.0.0.0", port))
         except OSError:

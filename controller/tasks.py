@@ -53,13 +53,17 @@ class TaskSet:
             self._on_failure(task.get_name(), exc)
 
 
-async def every(interval: float | Callable[[], float], check: Callable[[], Awaitable[None]], name: str) -> None:
-    """Run `check` forever, `interval` seconds apart; a failing check is logged, not fatal."""
+async def every(interval: float | Callable[[], float], check: Callable[[], Awaitable[None]], name: str,
+                error_interval: float = 2.0) -> None:
+    """Run `check` forever, `interval` seconds apart; a failing check is logged, not
+    fatal, and the next try waits at least `error_interval` (no hot loop on errors)."""
     while True:
+        wait = interval() if callable(interval) else interval
         try:
             await check()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("monitor_error", monitor=name, error=f"{type(exc).__name__}: {exc}")
-        await asyncio.sleep(interval() if callable(interval) else interval)
+            wait = max(wait, error_interval)
+        await asyncio.sleep(wait)

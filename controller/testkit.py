@@ -129,16 +129,22 @@ def wait_cluster_state(control_port: int, state: str, timeout: float) -> dict[st
     return wait_for(check, timeout, what=f"cluster state {state}")
 
 
-def node_pids(node: dict[str, Any]) -> set[int]:
-    """All live processes of a node from its /status entry: controller, Ray group, descendants."""
+def node_pids(node: dict[str, Any], others: list[dict[str, Any]] = ()) -> set[int]:
+    """All live processes of a node from its /status entry: controller, Ray group,
+    descendants; never those of the `others` nodes (a head's local workers are
+    its children, but they are other machines)."""
     roots = {node["pid"]} if node.get("pid") else set()
     groups = {node["ray_pgid"]} if node.get("ray_pgid") else set()
-    return processes.tree(roots, groups)
+    exclude = {n["pid"] for n in others if n.get("pid") and n["node_id"] != node["node_id"]}
+    return processes.tree(roots, groups, exclude)
 
 
-def kill_node(node: dict[str, Any]) -> set[int]:
-    """SIGKILL every process of a node at once, as a machine failure would. Returns the pids."""
-    pids = node_pids(node)
+def kill_node(node: dict[str, Any], others: list[dict[str, Any]] = ()) -> set[int]:
+    """SIGKILL every process of a node at once, as a machine failure would. Returns the pids.
+
+    Pass the other nodes of `/status` as `others` when the node is a head with local workers.
+    """
+    pids = node_pids(node, others)
     left = processes.kill_now(pids)
     if left:
         raise RuntimeError(f"processes survived SIGKILL: {sorted(left)}")

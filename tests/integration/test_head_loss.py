@@ -1,0 +1,51 @@
+"""The head node lost as a machine failure would take it: its worker notices, goes
+DEGRADED, and when a new head starts a new cluster (new epoch) it rejoins."""
+
+from __future__ import annotations
+
+import time
+
+from controller import testkit as tk
+
+from .conftest import HEAD_IP, SERVING_TIMEOUT, Cluster, head_args
+
+
+def test_worker_rejoins_a_new_head_under_a_new_epoch(tmp_path):
+    c = Cluster(tmp=tmp_path, ray_port=tk.free_port(), control_port=tk.free_port(), head=None, args=[])  # type: ignore[arg-type]
+    args = head_args(c.ray_port, c.control_port, tmp_path / "state", "--node-ip-address", HEAD_IP,
+                     "--expected-workers", "1")
+    try:
+        c.head = c.start(args, "head-1", c.control_port)
+        worker = c.start(["--role", "worker", "--head-address", c.head_address, "--node-ip-address", "127.0.0.3",
+                          "--log-format", "json", "--join-delay", "2", "--join-attempts", "10"], "worker")
+        first = tk.wait_cluster_state(c.control_port, "SERVING", SERVING_TIMEOUT)
+        c.record()
+        head_node = next(n for n in first["nodes"] if n["role"] == "head")
+        t0 = time.monotonic()
+        tk.kill_node(head_node, first["nodes"])
+        c.head.wait(10)
+
+        def worker_moves():
+            return [(t["from"], t["to"], t["trigger"]) for t in tk.transitions(worker.events())]
+
+        tk.wait_for(lambda: ("SERVING", "DEGRADED", "head_lost") in worker_moves(), 60, what="worker DEGRADED")
+        print(f"head node SIGKILL -> worker DEGRADED: {time.monotonic() - t0:.1f}s")
+        assert worker.proc.poll() is None  # the worker controller outlives its head
+
+        c.head = c.start(args, "head-2", c.control_port)
+        second = tk.wait_cluster_state(c.control_port, "SERVING", SERVING_TIMEOUT)
+        c.record()
+        assert second["cluster"]["epoch"] == first["cluster"]["epoch"] + 1
+        rejoined = next(n for n in second["nodes"] if n["role"] == "worker")
+        assert rejoined["epoch"] == second["cluster"]["epoch"] and rejoined["state"] == "SERVING"
+        assert rejoined["pid"] == worker.pid
+        moves = worker_moves()
+        assert ("DEGRADED", "JOINING", "rejoin") in moves
+        assert moves[-2:] == [("JOINING", "WAITING_FOR_WORKERS", "joined"),
+                              ("WAITING_FOR_WORKERS", "SERVING", "cluster_serving")]
+        c.head.terminate()
+        assert c.head.wait(120) == 0
+        assert worker.wait(60) == 0
+        tk.wait_for(lambda: not c.leftovers(), 30, what="no process of the test left")
+    finally:
+        c.cleanup()
