@@ -259,7 +259,10 @@ def _validate(v: dict[str, Any]) -> Config:
     if v["object_store_memory"] is not None and v["object_store_memory"] < 78 * 1024 * 1024:
         raise ConfigError("object-store-memory must be at least 78643200 bytes (Ray's minimum)")
     if v["engine"] == "vllm":
-        raise ConfigError("--engine vllm is not available in this version yet; use --engine none")
+        if v["mode"] == "sharded":
+            raise ConfigError("--mode sharded is not available in this version yet; use --mode replicated")
+        if v["model"] is None:
+            v["model"] = "tiny"  # made on the spot: no model hub is needed
     if v["node_id"] is None:
         v["node_id"] = f"{role}-{v['node_ip_address'] or socket.gethostname()}"
     if v["state_dir"] is None:

@@ -275,6 +275,9 @@ class CoordinatorClient:
     async def set_desired(self, desired: str) -> dict[str, Any]:
         return await self._call("set_desired", self.epoch, desired)
 
+    async def set_replicas(self, replicas: list[dict[str, Any]]) -> dict[str, Any]:
+        return await self._call("set_replicas", self.epoch, replicas)
+
     async def wait_for_change(self, since_version: int, timeout: float) -> dict[str, Any]:
         return await self._call("wait_for_change", since_version, timeout, timeout=timeout + self.call_timeout)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +25,16 @@ from controller.ray_adapter import port_free
 # vLLM's CPU build reserves this many GiB of KV cache per engine (its default is
 # far larger than a tiny model on a shared 2-core machine needs).
 DEFAULT_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port on `host`, outside Ray's default worker port range (10002-19999)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if not 10002 <= port <= 19999:
+            return port
 
 
 class EngineFailed(RuntimeError):

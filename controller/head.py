@@ -15,8 +15,9 @@ from controller.coordinator import ACTOR_NAME, CoordinatorClient, iso_now
 from controller.local_cluster import LocalWorkers
 from controller.logs import log
 from controller.loop import Board
-from controller.monitors import ClusterMonitor, GcsCliMonitor
+from controller.monitors import GONE_STATES, ClusterMonitor, GcsCliMonitor
 from controller.node import NodeBase
+from controller.replicas import ReplicaSet
 from controller.ray_adapter import (
     HEALTH_CHECK_PRESETS,
     RayError,
@@ -31,6 +32,13 @@ from states import Moved, Observation, State
 RAY_START_TIMEOUT = 60.0
 STALE_GCS_WAIT_S = 90.0
 LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
+
+
+def served_name(model: str | None) -> str:
+    """The model name clients use: `tiny` for the tiny model, else the path's last part."""
+    if model in (None, "tiny"):
+        return "tiny"
+    return model.rstrip("/").rsplit("/", 1)[-1]
 
 
 class FatalError(RuntimeError):
@@ -61,6 +69,10 @@ class HeadNode(NodeBase):
         self.address = config.node_ip_address
         self.history: deque[dict[str, Any]] = deque(maxlen=200)
         self.since = iso_now()
+        self.replicas: ReplicaSet | None = None
+        if config.engine == "vllm":
+            self.replicas = ReplicaSet(model=config.model or "tiny", served_name=served_name(config.model))
+            board.set(engines_ready=False)
 
     # -- Effects protocol --------------------------------------------------------------
 
@@ -82,6 +94,9 @@ class HeadNode(NodeBase):
             self.tasks.ensure("gcs_cli_monitor", lambda: every(self.config.health_cli_interval, cli.check, "gcs_cli"))
             if self.local.addresses:
                 self.tasks.ensure("local_workers", self._start_local_workers)
+            if self.replicas is not None:
+                self.tasks.ensure("replicas", lambda: every(self.config.health_interval,
+                                                            self._reconcile_replicas, "replicas"))
         elif state is State.DRAINING:
             self.tasks.ensure("drain", self._drain)
 
@@ -194,6 +209,18 @@ class HeadNode(NodeBase):
                     break
                 await asyncio.sleep(0.5)
 
+    async def _reconcile_replicas(self) -> None:
+        """One replica per live node: create the missing, poll all, publish their state."""
+        assert self.replicas is not None and self.coordinator is not None
+        snap = await self.coordinator.snapshot()
+        members = [m for m in snap["members"] if m["alive"] and m["state"] not in GONE_STATES
+                   and m.get("ray_node_id") and m.get("address")]
+        self.replicas.ensure(members)
+        statuses = await self.replicas.poll()
+        await self.coordinator.set_replicas(statuses)
+        self.board.set(engines_ready=self.replicas.all_ready(len(members)),
+                       engine_failure=self.replicas.failure())
+
     # -- reporting -----------------------------------------------------------------------
 
     async def _report_target(self) -> CoordinatorClient | None:
@@ -218,7 +245,12 @@ class HeadNode(NodeBase):
         self._shutdown_done = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await self.tasks.cancel("cluster_monitor", "gcs_cli_monitor", "local_workers", "bring_up")
+        await self.tasks.cancel("cluster_monitor", "gcs_cli_monitor", "local_workers", "bring_up", "replicas")
+        if self.replicas is not None and self.ray.connected:
+            try:
+                await self.replicas.stop_all(timeout=max(5.0, min(30.0, deadline - loop.time())))
+            except Exception as exc:
+                log.warning("replicas_stop_failed", error=f"{type(exc).__name__}: {exc}")
         members: list[dict[str, Any]] = []
         if self.coordinator is not None:
             try:

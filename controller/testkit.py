@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from controller import processes
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A free TCP port outside Ray's default worker port range (10002-19999)."""
-    while True:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if not 10002 <= port <= 19999:
-            return port
+from controller.engine import free_port  # noqa: F401  (re-exported for tests)
 
 
 @dataclass

@@ -42,7 +42,7 @@ def test_local_cluster_defaults():
     (["--role", "head", "--local-workers", "2", "--expected-workers", "1"], {}, "less than local-workers"),
     (["--role", "worker", "--head-address", "h:1", "--local-workers", "1"], {}, "head only"),
     (["--role", "head", "--join-attempts", "0"], {}, "join-attempts must be 1 or more"),
-    (["--role", "head", "--engine", "vllm"], {}, "not available in this version"),
+    (["--role", "head", "--engine", "vllm", "--mode", "sharded"], {}, "not available in this version"),
     (["--role", "head", "--bogus"], {}, "unrecognized arguments"),
 ])
 def test_bad_input_is_one_clear_line(argv, env, message):

@@ -1,0 +1,73 @@
+"""Replicated mode on a real three-node cluster: one vLLM CPU engine per node
+(tiny model made on the spot), supervised by a replica actor pinned to its node."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from openai import OpenAI
+
+from controller import processes, testkit as tk
+
+from .conftest import start_cluster
+
+ENGINES_TIMEOUT = 420
+
+
+@pytest.fixture(scope="module")
+def engine_cluster(tmp_path_factory):
+    c = start_cluster(tmp_path_factory.mktemp("engines"), extra=("--engine", "vllm", "--wait-timeout", "400"))
+    try:
+        tk.wait_cluster_state(c.control_port, "SERVING", ENGINES_TIMEOUT)
+        c.record()
+    except Exception:
+        print(c.head.stderr_tail(40))
+        c.cleanup()
+        raise
+    yield c
+    c.head.terminate()
+    assert c.head.wait(180) == 0
+    left = c.cleanup()
+    assert not left, f"processes left after the engine cluster: {sorted(left)}"
+
+
+def test_every_node_runs_a_replica_that_answers_real_completions(engine_cluster):
+    s = engine_cluster.status()
+    nodes = {n["node_id"]: n for n in s["nodes"]}
+    replicas = s["replicas"]
+    assert sorted(r["node_id"] for r in replicas) == sorted(nodes)
+    for r in replicas:
+        assert r["state"] == "READY" and r["restarts"] == 0
+        host = r["url"].split("//")[1].rsplit(":", 1)[0]
+        assert host == nodes[r["node_id"]]["address"]  # served on its own node's address
+        client = OpenAI(base_url=r["url"] + "/v1", api_key="unused", timeout=60)
+        out = client.completions.create(model="tiny", prompt="the cluster", max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens == 4 and out.choices[0].text
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=2)
+        assert chat.usage.completion_tokens == 2
+
+
+def test_killed_engine_degrades_then_restarts_to_serving(engine_cluster):
+    s = engine_cluster.status()
+    victim = next(r for r in s["replicas"] if r["node_id"].startswith("worker-"))
+    engine_pids = processes.tree({victim["pid"]}, {victim["pid"]})
+    assert victim["pid"] in engine_pids
+    t0 = time.monotonic()
+    processes.kill_now(engine_pids)
+    degraded = tk.wait_cluster_state(engine_cluster.control_port, "DEGRADED", 60)
+    moves = tk.transitions(engine_cluster.head.events(), "head-127.0.0.2")
+    assert moves[-1]["trigger"] == "engine_failed"
+    assert f"{victim['replica_id']} is" in moves[-1]["reason"] and "engine exited with code -9" in moves[-1]["reason"]
+    back = tk.wait_cluster_state(engine_cluster.control_port, "SERVING", ENGINES_TIMEOUT)
+    assert degraded["cluster"]["state"] == "DEGRADED"
+    print(f"engine SIGKILL -> SERVING again in {time.monotonic() - t0:.1f}s")
+    restarted = next(r for r in back["replicas"] if r["replica_id"] == victim["replica_id"])
+    assert restarted["state"] == "READY" and restarted["restarts"] == 1 and restarted["pid"] != victim["pid"]
+    others = [r for r in back["replicas"] if r["replica_id"] != victim["replica_id"]]
+    assert all(r["restarts"] == 0 for r in others)
+    out = OpenAI(base_url=restarted["url"] + "/v1", api_key="unused", timeout=60).completions.create(
+        model="tiny", prompt="again", max_tokens=2)
+    assert out.usage.completion_tokens == 2
+    assert tk.transitions(engine_cluster.head.events(), "head-127.0.0.2")[-1]["trigger"] == "recovered"
