@@ -71,3 +71,32 @@ def test_killed_engine_degrades_then_restarts_to_serving(engine_cluster):
         model="tiny", prompt="again", max_tokens=2)
     assert out.usage.completion_tokens == 2
     assert tk.transitions(engine_cluster.head.events(), "head-127.0.0.2")[-1]["trigger"] == "recovered"
+
+
+def test_lost_node_takes_its_replica_and_a_new_worker_gets_one(engine_cluster):
+    c = engine_cluster
+    s = c.record()
+    victim = next(n for n in s["nodes"] if n["address"] == "127.0.0.3")
+    victim_replica = next(r for r in s["replicas"] if r["node_id"] == victim["node_id"])
+    killed = tk.kill_node(victim, s["nodes"])
+    assert victim_replica["pid"] in killed  # the engine went down with its node
+    tk.wait_cluster_state(c.control_port, "DEGRADED", 60)
+
+    def replica_dropped():
+        st = c.status()
+        return st if all(r["node_id"] != victim["node_id"] for r in st["replicas"]) else None
+
+    degraded = tk.wait_for(replica_dropped, 60, what="the lost node's replica dropped")
+    assert degraded["cluster"]["state"] == "DEGRADED"
+    assert {r["state"] for r in degraded["replicas"]} == {"READY"}  # the others keep serving
+
+    c.start(["--role", "worker", "--head-address", c.head_address, "--node-ip-address", "127.0.0.5",
+             "--log-format", "json", "--join-delay", "2"], "worker-127.0.0.5")
+    back = tk.wait_cluster_state(c.control_port, "SERVING", ENGINES_TIMEOUT)
+    c.record()
+    fresh = next(r for r in back["replicas"] if r["node_id"] == "worker-127.0.0.5")
+    assert fresh["state"] == "READY" and fresh["url"].startswith("http://127.0.0.5:")
+    assert len(back["replicas"]) == 3
+    out = OpenAI(base_url=fresh["url"] + "/v1", api_key="unused", timeout=60).completions.create(
+        model="tiny", prompt="new node", max_tokens=2)
+    assert out.usage.completion_tokens == 2
