@@ -218,7 +218,10 @@ class HeadNode(NodeBase):
         self.replicas.ensure(members)
         statuses = await self.replicas.poll()
         await self.coordinator.set_replicas(statuses)
-        self.board.set(engines_ready=self.replicas.all_ready(len(members)),
+        # Ready means a ready replica for every expected node, not for the nodes seen
+        # at this poll: a node that just joined has no replica yet, and the cluster
+        # must not call itself recovered before it has one.
+        self.board.set(engines_ready=self.replicas.all_ready(self.config.expected_nodes),
                        engine_failure=self.replicas.failure())
 
     # -- reporting -----------------------------------------------------------------------

@@ -75,6 +75,10 @@ class Effects(Protocol):
 
     def epoch(self) -> int | None: ...
 
+    async def shutdown(self, timeout: float) -> None:
+        """Idempotent final cleanup: runs after STOPPED whatever the path there."""
+        ...
+
 
 @dataclass
 class LoopResult:

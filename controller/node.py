@@ -4,6 +4,7 @@ epoch it lives in, and reporting its transitions to the coordinator in order."""
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from controller.config import Config
@@ -43,7 +44,7 @@ class NodeBase:
 
     def member_info(self, role: str, address: str | None) -> dict[str, Any]:
         return {"node_id": self.config.node_id, "role": role, "ray_node_id": self.ray_node_id,
-                "address": address, "pid": _pid(),
+                "address": address, "pid": os.getpid(),
                 "ray_pgid": self.ray.node.pgid if self.ray.node else None}
 
     async def _report_loop(self) -> None:
@@ -71,9 +72,3 @@ class NodeBase:
         end = loop.time() + timeout
         while not self._reports.empty() and loop.time() < end:
             await asyncio.sleep(0.05)
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()

@@ -81,17 +81,32 @@ def start_cluster(tmp: Path, local_workers: int = 2, extra: tuple[str, ...] = ()
     return cluster
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Head + 2 local workers, `--engine none`, SERVING. Shared by one module's tests."""
-    c = start_cluster(tmp_path_factory.mktemp("cluster"))
+def serving_cluster(tmp: Path, timeout: float, extra: tuple[str, ...] = ()) -> Cluster:
+    """A head + 2 local workers, waited to SERVING; stopped again if it never gets there."""
+    c = start_cluster(tmp, extra=extra)
     try:
-        tk.wait_cluster_state(c.control_port, "SERVING", SERVING_TIMEOUT)
+        tk.wait_cluster_state(c.control_port, "SERVING", timeout)
         c.record()
     except Exception:
         print(c.head.stderr_tail(40))
         c.cleanup()
         raise
+    return c
+
+
+def stop_cluster(c: Cluster) -> None:
+    """SIGTERM to the head: it must exit 0, and nothing of the test may be left."""
+    c.head.terminate()
+    assert c.head.wait(180) == 0
+    left = c.cleanup()
+    assert not left, f"processes left after the cluster: {sorted(left)}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head + 2 local workers, `--engine none`, SERVING. Shared by one module's tests,
+    the last of which stops it (by SIGTERM) and checks what is left."""
+    c = serving_cluster(tmp_path_factory.mktemp("cluster"), SERVING_TIMEOUT)
     yield c
     left = c.cleanup()
     assert not left, f"processes left after the cluster fixture: {sorted(left)}"

@@ -10,26 +10,17 @@ from openai import OpenAI
 
 from controller import processes, testkit as tk
 
-from .conftest import start_cluster
+from .conftest import serving_cluster, stop_cluster
 
 ENGINES_TIMEOUT = 420
 
 
 @pytest.fixture(scope="module")
 def engine_cluster(tmp_path_factory):
-    c = start_cluster(tmp_path_factory.mktemp("engines"), extra=("--engine", "vllm", "--wait-timeout", "400"))
-    try:
-        tk.wait_cluster_state(c.control_port, "SERVING", ENGINES_TIMEOUT)
-        c.record()
-    except Exception:
-        print(c.head.stderr_tail(40))
-        c.cleanup()
-        raise
+    c = serving_cluster(tmp_path_factory.mktemp("engines"), ENGINES_TIMEOUT,
+                        extra=("--engine", "vllm", "--wait-timeout", "400"))
     yield c
-    c.head.terminate()
-    assert c.head.wait(180) == 0
-    left = c.cleanup()
-    assert not left, f"processes left after the engine cluster: {sorted(left)}"
+    stop_cluster(c)
 
 
 def test_every_node_runs_a_replica_that_answers_real_completions(engine_cluster):

@@ -1,0 +1,27 @@
+"""The head's readiness rule for replicas, without Ray."""
+
+from controller.replicas import ReplicaSet
+
+
+def with_states(states: dict[str, str], ever_ready=()) -> ReplicaSet:
+    rs = ReplicaSet(model="tiny", served_name="tiny")
+    for node_id, state in states.items():
+        rs.handles[node_id] = object()
+        rs.last[node_id] = {"replica_id": f"replica-{node_id}", "node_id": node_id, "state": state,
+                            "reason": "engine exited with code -9" if state != "READY" else None}
+    rs.ever_ready |= set(ever_ready)
+    return rs
+
+
+def test_ready_needs_a_ready_replica_for_every_expected_node():
+    assert with_states({"a": "READY", "b": "READY", "c": "READY"}).all_ready(3)
+    # A node just joined and has no replica yet: not ready, whatever the others say.
+    assert not with_states({"a": "READY", "b": "READY"}).all_ready(3)
+    assert not with_states({"a": "READY", "b": "READY", "c": "STARTING"}).all_ready(3)
+
+
+def test_failure_only_for_replicas_that_served():
+    starting = with_states({"a": "READY", "b": "STARTING"}, ever_ready={"a"})
+    assert starting.failure() is None  # b never served: it is starting, not failing
+    failed = with_states({"a": "READY", "b": "RESTARTING"}, ever_ready={"a", "b"})
+    assert failed.failure() == "replica-b is RESTARTING: engine exited with code -9"
