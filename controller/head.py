@@ -88,10 +88,8 @@ class HeadNode(NodeBase):
         if state is State.JOINING:
             self.tasks.ensure("bring_up", self._bring_up)
         elif state in LIVE_STATES and self.coordinator is not None:
-            monitor = ClusterMonitor(self.ray, self.coordinator, self.board, self.config.expected_nodes)
-            cli = GcsCliMonitor(self.ray, self.gcs_address, self.board)
-            self.tasks.ensure("cluster_monitor", lambda: every(self.config.health_interval, monitor.check, "cluster"))
-            self.tasks.ensure("gcs_cli_monitor", lambda: every(self.config.health_cli_interval, cli.check, "gcs_cli"))
+            if not self.tasks.running("cluster_monitor"):
+                self._start_monitors()
             if self.local.addresses:
                 self.tasks.ensure("local_workers", self._start_local_workers)
             if self.replicas is not None:
@@ -99,6 +97,14 @@ class HeadNode(NodeBase):
                                                             self._reconcile_replicas, "replicas"))
         elif state is State.DRAINING:
             self.tasks.ensure("drain", self._drain)
+
+    def _start_monitors(self) -> None:
+        assert self.coordinator is not None
+        cfg = self.config
+        monitor = ClusterMonitor(self.ray, self.coordinator, self.board, cfg.expected_nodes)
+        cli = GcsCliMonitor(self.ray, self.gcs_address, self.board)
+        self.tasks.ensure("cluster_monitor", lambda: every(cfg.health_interval, monitor.check, "cluster"))
+        self.tasks.ensure("gcs_cli_monitor", lambda: every(cfg.health_cli_interval, cli.check, "gcs_cli"))
 
     # -- bring-up ----------------------------------------------------------------------
 

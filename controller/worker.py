@@ -53,14 +53,20 @@ class WorkerNode(NodeBase):
         if state is State.JOINING:
             self.tasks.ensure("join", self._join)
         elif state in LIVE_STATES and self.coordinator is not None:
-            watch = CoordinatorWatch(self.coordinator, self.board, self.config.node_id)
-            cli = GcsCliMonitor(self.ray, self.config.head_address, self.board)
-            self.tasks.ensure("heartbeat", lambda: every(self.config.health_interval, watch.heartbeat, "heartbeat"))
-            self.tasks.ensure("watch", lambda: every(0.0, watch.watch, "watch"))
-            # `ray health-check` is costly: rarely while healthy, more often once in doubt.
-            self.tasks.ensure("gcs_cli_monitor", lambda: every(self._cli_interval, cli.check, "gcs_cli"))
+            if not self.tasks.running("heartbeat"):
+                self._start_monitors()
         elif state is State.DRAINING:
             self.tasks.ensure("leave", self._leave)
+
+    def _start_monitors(self) -> None:
+        """Monitors of the coordinator this node joined (built again after a rejoin)."""
+        assert self.coordinator is not None
+        watch = CoordinatorWatch(self.coordinator, self.board, self.config.node_id)
+        cli = GcsCliMonitor(self.ray, self.config.head_address, self.board)
+        self.tasks.ensure("heartbeat", lambda: every(self.config.health_interval, watch.heartbeat, "heartbeat"))
+        self.tasks.ensure("watch", lambda: every(0.0, watch.watch, "watch"))
+        # `ray health-check` is costly: rarely while healthy, more often once in doubt.
+        self.tasks.ensure("gcs_cli_monitor", lambda: every(self._cli_interval, cli.check, "gcs_cli"))
 
     def _cli_interval(self) -> float:
         if self.board.get("health_failures", 0):
