@@ -19,7 +19,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from controller import processes, testkit as tk
@@ -31,11 +30,7 @@ def first_completion(control_port: int, t0: float, timeout: float = 600) -> floa
         ready = [r for r in s["replicas"] if r["state"] == "READY"]
         if not ready:
             return None
-        body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 1}).encode()
-        req = urllib.request.Request(ready[0]["url"] + "/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read())["usage"]["completion_tokens"] == 1
+        return tk.complete(ready[0]["url"], "hello", max_tokens=1, timeout=30)["usage"]["completion_tokens"] == 1
     tk.wait_for(answered, timeout, interval=0.5, what="a first completion")
     return time.monotonic() - t0
 

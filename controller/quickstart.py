@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 from controller import testkit as tk
 
@@ -37,11 +36,7 @@ def print_status(status: dict) -> None:
 def answer_one_completion(status: dict, t0: float) -> None:
     """Ask a replica for a completion through its OpenAI-compatible API, and show it."""
     replica = next(r for r in status["replicas"] if r["state"] == "READY")
-    body = {"model": "tiny", "prompt": "The cluster", "max_tokens": 8, "temperature": 0}
-    request = urllib.request.Request(replica["url"] + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as resp:
-        answer = json.loads(resp.read())
+    answer = tk.complete(replica["url"], "The cluster", max_tokens=8)
     print(f"quickstart: POST {replica['url']}/v1/completions -> {answer['choices'][0]['text']!r} "
           f"({answer['usage']['completion_tokens']} tokens; random weights, so the words are noise)", flush=True)
     print(f"quickstart: first completion answered {time.monotonic() - t0:.1f}s after the start", flush=True)

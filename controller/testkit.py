@@ -92,6 +92,16 @@ def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read() or b"null")
 
 
+def complete(base_url: str, prompt: str, max_tokens: int, model: str = "tiny",
+             timeout: float = 60.0) -> dict[str, Any]:
+    """POST /v1/completions to an OpenAI-compatible server; the parsed answer."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    request = urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
 def status(control_port: int, host: str = "127.0.0.1") -> dict[str, Any]:
     return get_json(f"http://{host}:{control_port}/status")[1]
 

@@ -94,10 +94,14 @@ def serving_cluster(tmp: Path, timeout: float, extra: tuple[str, ...] = ()) -> C
     return c
 
 
-def stop_cluster(c: Cluster) -> None:
-    """SIGTERM to the head: it must exit 0, and nothing of the test may be left."""
+def stop_cluster(c: Cluster, *workers: tk.ControllerProcess) -> None:
+    """SIGTERM to the head: it and the given workers must exit 0 on their own, and
+    nothing of the test may be left."""
     c.head.terminate()
     assert c.head.wait(180) == 0
+    for worker in workers:
+        assert worker.wait(60) == 0
+    tk.wait_for(lambda: not c.leftovers(), 30, what="no process of the test left")
     left = c.cleanup()
     assert not left, f"processes left after the cluster: {sorted(left)}"
 

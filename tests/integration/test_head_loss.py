@@ -7,7 +7,7 @@ import time
 
 from controller import testkit as tk
 
-from .conftest import HEAD_IP, SERVING_TIMEOUT, Cluster, head_args
+from .conftest import HEAD_IP, SERVING_TIMEOUT, Cluster, head_args, stop_cluster
 
 
 def test_worker_rejoins_a_new_head_under_a_new_epoch(tmp_path):
@@ -43,9 +43,6 @@ def test_worker_rejoins_a_new_head_under_a_new_epoch(tmp_path):
         assert ("DEGRADED", "JOINING", "rejoin") in moves
         assert moves[-2:] == [("JOINING", "WAITING_FOR_WORKERS", "joined"),
                               ("WAITING_FOR_WORKERS", "SERVING", "cluster_serving")]
-        c.head.terminate()
-        assert c.head.wait(120) == 0
-        assert worker.wait(60) == 0
-        tk.wait_for(lambda: not c.leftovers(), 30, what="no process of the test left")
+        stop_cluster(c, worker)
     finally:
         c.cleanup()

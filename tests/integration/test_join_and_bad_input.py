@@ -8,7 +8,7 @@ import time
 
 from controller import testkit as tk
 
-from .conftest import HEAD_IP, SERVING_TIMEOUT, Cluster, head_args
+from .conftest import HEAD_IP, SERVING_TIMEOUT, Cluster, head_args, stop_cluster
 
 
 def last_line(p: tk.ControllerProcess) -> str:
@@ -41,10 +41,7 @@ def test_worker_started_before_its_head_retries_and_joins(tmp_path):
         assert [e["attempt"] for e in failures] == list(range(1, len(failures) + 1))
         assert all(e["wait_s"] == 3.0 for e in failures)
         assert [e for e in events if e["event"] == "registered"]
-        c.head.terminate()
-        assert c.head.wait(120) == 0
-        assert worker.wait(60) == 0
-        tk.wait_for(lambda: not c.leftovers(), 30, what="no process of the test left")
+        stop_cluster(c, worker)
     finally:
         c.cleanup()
 

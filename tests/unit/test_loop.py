@@ -195,3 +195,21 @@ async def test_failing_ensure_does_not_kill_the_loop():
         await ticks(loop, 2)
     assert loop.state is S.JOINING
     assert any(e["event"] == "ensure_failed" for e in logs)
+
+
+async def test_a_failing_monitor_backs_off_instead_of_spinning():
+    import asyncio
+
+    from controller.tasks import every
+
+    calls = []
+
+    async def broken():
+        calls.append(1)
+        raise RuntimeError("GCS unreachable")
+
+    task = asyncio.get_running_loop().create_task(every(0.0, broken, "test", error_interval=0.1))
+    await asyncio.sleep(0.35)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert 2 <= len(calls) <= 5  # an interval of 0 would otherwise have called it thousands of times
