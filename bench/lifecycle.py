@@ -46,7 +46,7 @@ class Run:
         self.pgids: set[int] = set()
         args = ["--role", "head", "--local-workers", "2", "--ray-port", str(self.ray_port),
                 "--control-port", str(self.control_port), "--log-format", "json",
-                "--state-dir", str(tmp / "state"), "--ray-health-check", preset]
+                "--state-dir", str(tmp / "state"), "--ray-health-check", preset, "--engine", "none"]
         self.t0 = time.monotonic()
         self.head = tk.start_controller(args, tmp / f"head-{preset}-{self.ray_port}.log", control_port=self.control_port)
         self.pids.add(self.head.pid)

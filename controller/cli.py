@@ -1,8 +1,8 @@
 """The command line: `python -m controller --role head|worker [flags]`.
 
 Exit codes: 0 after a clean drain and stop; 1 after a fatal error (the reason
-is the last log line and the last line on stderr); 2 for bad configuration
-(nothing was started).
+is the last log line and the last line on stderr); 2 for bad configuration or a
+failed pre-flight check (nothing was started).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from controller.control_server import ControlServer
 from controller.head import HeadNode
 from controller.logs import bind_node, configure_logging, log
 from controller.loop import Board, NodeLoop
+from controller.preflight import PreflightError, local_checks
 from controller.ray_adapter import prepare_driver_env
 from controller.worker import WorkerNode
 from states import Limits, Role
@@ -97,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = load_config(argv)
+        local_checks(config)
     except ConfigError as exc:
         return fail(str(exc), EXIT_CONFIG)
+    except PreflightError as exc:
+        return fail(f"pre-flight: {exc}", EXIT_CONFIG)
     prepare_driver_env()
     configure_logging(config.log_format)
     bind_node(config.node_id, config.role)

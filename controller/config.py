@@ -55,17 +55,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("join_attempts", int, 5, "worker: attempts to join the head"),
     Option("join_delay", float, 10.0, "worker: seconds between join attempts"),
     Option("join_attempt_timeout", float, 60.0, "worker: bound on one join attempt, seconds"),
-    Option("mode", str, "replicated", "engine topology", ("sharded", "replicated")),
-    Option("model", str, None, "model path or hub id served by the engines"),
+    Option("mode", str, None, "engine topology (default: sharded with GPUs, else replicated)",
+           ("sharded", "replicated")),
+    Option("model", str, None, "model path or hub id served by the engines (default without GPUs: tiny)"),
     Option("tensor_parallel_size", int, 1, "sharded mode: tensor parallel size"),
     Option("pipeline_parallel_size", int, 1, "sharded mode: pipeline parallel size"),
+    Option("replicas", int, 0, "replicated mode: engine replicas, at most one per node (0: one per node)"),
+    Option("engine_port", int, 0, "port of each engine on its node (0: a free one)"),
+    Option("engine_timeout", float, 600.0, "seconds an engine may take to become ready"),
+    Option("engine_restarts", int, 5, "restarts of a failed engine before it is given up"),
+    Option("probe_interval", float, 30.0, "seconds between generation probes of each engine"),
     Option("serve_port", int, 8000, "OpenAI-compatible API port on the head"),
     Option("control_port", int, 8080, "control HTTP port on the head"),
     Option("control_host", str, "127.0.0.1", "address the control port binds to"),
     Option("drain_timeout", float, 30.0, "seconds a drain waits for in-flight work and workers"),
     Option("degraded_timeout", float, 0.0, "seconds in DEGRADED before draining (0: never)"),
     Option("log_format", str, "auto", "log rendering", ("auto", "json", "console")),
-    Option("engine", str, "none", "inference engine ('none': cluster only)", ("vllm", "none")),
+    Option("engine", str, "vllm", "inference engine ('none': cluster only)", ("vllm", "none")),
     Option("local_workers", int, 0, "head: start N worker nodes on this machine"),
     Option("object_store_memory", int, None, "bytes for Ray's object store (default: sized)"),
     Option("ray_health_check", str, "controller",
@@ -95,6 +101,11 @@ class Config:
     model: str | None
     tensor_parallel_size: int
     pipeline_parallel_size: int
+    replicas: int
+    engine_port: int
+    engine_timeout: float
+    engine_restarts: int
+    probe_interval: float
     serve_port: int
     control_port: int
     control_host: str
@@ -248,7 +259,8 @@ def _validate(v: dict[str, Any]) -> Config:
         # One-machine cluster: each node its own loopback address (Ray rewrites 127.0.0.1).
         v["node_ip_address"] = "127.0.0.2"
     for name in ("wait_timeout", "join_delay", "join_attempt_timeout", "drain_timeout",
-                 "health_interval", "health_cli_interval", "tick_interval"):
+                 "health_interval", "health_cli_interval", "tick_interval", "engine_timeout",
+                 "probe_interval"):
         if not v[name] > 0:
             raise ConfigError(f"{name.replace('_', '-')} must be greater than 0, got {v[name]}")
     if v["degraded_timeout"] < 0:
@@ -258,16 +270,50 @@ def _validate(v: dict[str, Any]) -> Config:
             raise ConfigError(f"{name.replace('_', '-')} must be 1 or more, got {v[name]}")
     if v["object_store_memory"] is not None and v["object_store_memory"] < 78 * 1024 * 1024:
         raise ConfigError("object-store-memory must be at least 78643200 bytes (Ray's minimum)")
-    if v["engine"] == "vllm":
-        if v["mode"] == "sharded":
-            raise ConfigError("--mode sharded is not available in this version yet; use --mode replicated")
-        if v["model"] is None:
-            v["model"] = "tiny"  # made on the spot: no model hub is needed
+    _validate_engine(v)
     if v["node_id"] is None:
         v["node_id"] = f"{role}-{v['node_ip_address'] or socket.gethostname()}"
     if v["state_dir"] is None:
         v["state_dir"] = str(Path(environ_home()) / ".cache" / "llm-controller")
     return Config(**v)
+
+
+def _validate_engine(v: dict[str, Any]) -> None:
+    if v["engine_port"] != 0:
+        _check_port("engine_port", v["engine_port"])
+    if v["replicas"] < 0 or v["engine_restarts"] < 0:
+        raise ConfigError("replicas and engine-restarts must be 0 or more")
+    if v["role"] != "head" or v["engine"] == "none":
+        v["mode"] = v["mode"] or "replicated"
+        return
+    gpus = local_gpu_count()
+    if v["mode"] is None:
+        v["mode"] = "sharded" if gpus else "replicated"
+    if v["model"] is None:
+        if gpus:
+            raise ConfigError("--model is required on a machine with GPUs (a path or a hub id; "
+                              "--model tiny serves the built-in test model)")
+        v["model"] = "tiny"  # made on the spot: no model hub is needed
+    if v["mode"] == "sharded":
+        if v["replicas"] not in (0, 1):
+            raise ConfigError(f"--replicas is for replicated mode; sharded mode runs one engine, got {v['replicas']}")
+    elif v["replicas"] > 1 + v["expected_workers"]:
+        raise ConfigError(f"--replicas {v['replicas']} is more than the cluster's nodes "
+                          f"({1 + v['expected_workers']}): replicated mode runs at most one replica per node")
+    elif v["tensor_parallel_size"] * v["pipeline_parallel_size"] > 1:
+        raise ConfigError("--tensor-parallel-size and --pipeline-parallel-size are for --mode sharded")
+
+
+def local_gpu_count(environ: dict[str, str] | None = None) -> int:
+    """NVIDIA GPUs this machine shows (CUDA_VISIBLE_DEVICES narrows them), without importing torch."""
+    environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(list(Path("/proc/driver/nvidia/gpus").iterdir()))
+    except OSError:
+        return 0
 
 
 def environ_home() -> str:

@@ -16,6 +16,8 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any
 
+from controller.preflight import member_problem
+
 ACTOR_NAME = "llm-controller-coordinator"
 HISTORY_SIZE = 200
 
@@ -30,6 +32,13 @@ class StaleEpoch(RuntimeError):
 
     def __reduce__(self):  # survives Ray's pickling of the error
         return (StaleEpoch, (self.given, self.current))
+
+
+class Refused(RuntimeError):
+    """The coordinator refused a member; joining again will not help."""
+
+    def __reduce__(self):  # survives Ray's pickling of the error
+        return (Refused, self.args)
 
 
 def iso_now() -> str:
@@ -62,6 +71,9 @@ class CoordinatorState:
 
     def register(self, member: dict[str, Any], epoch: int | None) -> dict[str, Any]:
         self._fence(epoch)
+        problem = member_problem(self.members, member)
+        if problem:
+            raise Refused(problem)
         now = iso_now()
         self.members[member["node_id"]] = {
             "state": "JOINING", "since": now, **member,

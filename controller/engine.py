@@ -2,15 +2,15 @@
 
 Readiness is `/health` answering 200 and then a real 1-token completion: an
 engine that answers `/health` but cannot generate is not ready. The engine's
-output is forwarded into the structured log with its replica id, and the last
-error line is kept so that a failure can say why (exit code, last error).
+output is kept, numbered, for the head to pull into its structured log with the
+replica id (or logged at once with `echo`), and the last error line is kept so
+that a failure can say why (exit code, last error).
 The process runs in its own session and is stopped by process group.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import sys
 from collections import deque
@@ -20,7 +20,7 @@ import aiohttp
 
 from controller import processes
 from controller.logs import log
-from controller.ray_adapter import port_free
+from controller.ray_adapter import child_env, port_free
 
 # vLLM's CPU build reserves this many GiB of KV cache per engine (its default is
 # far larger than a tiny model on a shared 2-core machine needs).
@@ -47,7 +47,7 @@ class EngineSpec:
     served_name: str
     host: str
     port: int
-    max_model_len: int = 512
+    max_model_len: int | None = None
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ENGINE_ENV))
 
@@ -65,7 +65,7 @@ def vllm_command(spec: EngineSpec) -> list[str]:
         "--served-model-name", spec.served_name,
         "--host", spec.host,
         "--port", str(spec.port),
-        "--max-model-len", str(spec.max_model_len),
+        *(["--max-model-len", str(spec.max_model_len)] if spec.max_model_len else []),
         "--disable-uvicorn-access-log",
         "--disable-log-stats",
         *spec.extra_args,
@@ -77,12 +77,16 @@ def _is_error_line(line: str) -> bool:
 
 
 class EngineProcess:
-    def __init__(self, spec: EngineSpec, replica_id: str, output_lines: int = 200) -> None:
+    def __init__(self, spec: EngineSpec, replica_id: str, output_lines: int = 500, echo: bool = True,
+                 first_seq: int = 0) -> None:
         self.spec = spec
         self.replica_id = replica_id
+        self.echo = echo
         self.proc: asyncio.subprocess.Process | None = None
         self.last_error: str | None = None
-        self.recent: deque[str] = deque(maxlen=output_lines)
+        # (sequence number, line): a reader asks for the lines after the last it saw.
+        self.recent: deque[tuple[int, str]] = deque(maxlen=output_lines)
+        self.seq = first_seq
         self._reader: asyncio.Task | None = None
 
     @property
@@ -96,7 +100,7 @@ class EngineProcess:
     async def start(self) -> None:
         if not port_free(self.spec.host, self.spec.port):
             raise EngineFailed(f"engine port {self.spec.host}:{self.spec.port} is already taken")
-        env = {**os.environ, **self.spec.env}
+        env = child_env(self.spec.env)
         self.proc = await asyncio.create_subprocess_exec(
             *vllm_command(self.spec),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -112,10 +116,16 @@ class EngineProcess:
             line = raw.decode(errors="replace").rstrip()
             if not line:
                 continue
-            self.recent.append(line)
+            self.seq += 1
+            self.recent.append((self.seq, line))
             if _is_error_line(line):
                 self.last_error = line.strip()
-            log.info("engine_output", replica_id=self.replica_id, line=line)
+            if self.echo:
+                log.info("engine_output", replica_id=self.replica_id, line=line)
+
+    def output_since(self, seq: int) -> list[tuple[int, str]]:
+        """The kept lines numbered after `seq` (older ones may have been dropped)."""
+        return [(n, line) for n, line in self.recent if n > seq]
 
     def exit_reason(self) -> str | None:
         """None while the engine runs; else its exit code and last error line."""

@@ -17,7 +17,11 @@ from controller.logs import log
 from controller.loop import Board
 from controller.monitors import GONE_STATES, ClusterMonitor, GcsCliMonitor
 from controller.node import NodeBase
+from controller.engine import EngineSpec, free_port
 from controller.replicas import ReplicaSet
+from controller.sharded import REPLICA_ID as SHARDED_ID
+from controller.sharded import ShardedEngine, sharded_spec
+from controller.supervisor import EngineSupervisor
 from controller.ray_adapter import (
     HEALTH_CHECK_PRESETS,
     RayError,
@@ -70,8 +74,18 @@ class HeadNode(NodeBase):
         self.history: deque[dict[str, Any]] = deque(maxlen=200)
         self.since = iso_now()
         self.replicas: ReplicaSet | None = None
+        self.sharded: ShardedEngine | None = None
         if config.engine == "vllm":
-            self.replicas = ReplicaSet(model=config.model or "tiny", served_name=served_name(config.model))
+            supervision = {"ready_timeout": config.engine_timeout, "probe_interval": config.probe_interval,
+                           "max_restarts": config.engine_restarts}
+            if config.mode == "sharded":
+                self.sharded = ShardedEngine(
+                    lambda: EngineSupervisor(SHARDED_ID, self._sharded_spec, **supervision),
+                    config.tensor_parallel_size, config.pipeline_parallel_size)
+            else:
+                self.replicas = ReplicaSet(model=config.model or "tiny", served_name=served_name(config.model),
+                                           limit=config.replicas, engine_port=config.engine_port,
+                                           supervision=supervision)
             board.set(engines_ready=False)
 
     # -- Effects protocol --------------------------------------------------------------
@@ -92,9 +106,9 @@ class HeadNode(NodeBase):
                 self._start_monitors()
             if self.local.addresses:
                 self.tasks.ensure("local_workers", self._start_local_workers)
-            if self.replicas is not None:
-                self.tasks.ensure("replicas", lambda: every(self.config.health_interval,
-                                                            self._reconcile_replicas, "replicas"))
+            if self.config.engine == "vllm":
+                self.tasks.ensure("engines", lambda: every(self.config.health_interval,
+                                                           self._reconcile_engines, "engines"))
         elif state is State.DRAINING:
             self.tasks.ensure("drain", self._drain)
 
@@ -215,8 +229,23 @@ class HeadNode(NodeBase):
                     break
                 await asyncio.sleep(0.5)
 
+    async def _reconcile_engines(self) -> None:
+        """Bring the engines in line with the cluster and publish their state."""
+        assert self.coordinator is not None
+        if self.replicas is not None:
+            await self._reconcile_replicas()
+            given_up = self.replicas.given_up()
+        else:
+            await self._reconcile_sharded()
+            given_up = self.sharded.given_up() if self.sharded else None
+        if given_up and self.state is State.WAITING_FOR_WORKERS:
+            # Before the cluster ever served, an engine that cannot start is a
+            # configuration problem (bad model, taken port): say so now, not at
+            # the wait timeout.
+            self.board.set(fatal=f"{given_up}; the cluster cannot serve")
+
     async def _reconcile_replicas(self) -> None:
-        """One replica per live node: create the missing, poll all, publish their state."""
+        """One replica per chosen live node: create the missing, poll all, publish their state."""
         assert self.replicas is not None and self.coordinator is not None
         snap = await self.coordinator.snapshot()
         members = [m for m in snap["members"] if m["alive"] and m["state"] not in GONE_STATES
@@ -224,11 +253,32 @@ class HeadNode(NodeBase):
         self.replicas.ensure(members)
         statuses = await self.replicas.poll()
         await self.coordinator.set_replicas(statuses)
-        # Ready means a ready replica for every expected node, not for the nodes seen
+        # Ready means a ready replica for every wanted node, not for the nodes seen
         # at this poll: a node that just joined has no replica yet, and the cluster
         # must not call itself recovered before it has one.
         self.board.set(engines_ready=self.replicas.all_ready(self.config.expected_nodes),
                        engine_failure=self.replicas.failure())
+
+    async def _reconcile_sharded(self) -> None:
+        assert self.sharded is not None and self.coordinator is not None
+        gpus = (await self.ray.cluster_resources()).get("GPU", 0.0)
+        problem = await self.sharded.reconcile(self.board.get("alive_nodes"), self.config.expected_nodes, gpus)
+        if problem:
+            self.board.set(fatal=problem)
+            return
+        await self.coordinator.set_replicas(self.sharded.statuses())
+        self.board.set(engines_ready=self.sharded.ready(), engine_failure=self.sharded.failure())
+
+    def _sharded_spec(self) -> EngineSpec:
+        cfg = self.config
+        host = self.address or "127.0.0.1"
+        model = cfg.model or "tiny"
+        if model == "tiny":
+            from controller.tiny_model import ensure_tiny_model
+
+            model = str(ensure_tiny_model())
+        return sharded_spec(model, served_name(cfg.model), host, cfg.engine_port or free_port(host),
+                            cfg.tensor_parallel_size, cfg.pipeline_parallel_size, self.gcs_address)
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -254,7 +304,10 @@ class HeadNode(NodeBase):
         self._shutdown_done = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await self.tasks.cancel("cluster_monitor", "gcs_cli_monitor", "local_workers", "bring_up", "replicas")
+        await self.tasks.cancel("cluster_monitor", "gcs_cli_monitor", "local_workers", "bring_up", "engines")
+        left: set[int] = set()
+        if self.sharded is not None:
+            left |= await self.sharded.stop()
         if self.replicas is not None and self.ray.connected:
             try:
                 await self.replicas.stop_all(timeout=max(5.0, min(30.0, deadline - loop.time())))
@@ -270,7 +323,7 @@ class HeadNode(NodeBase):
             except Exception as exc:
                 log.warning("drain_coordination_failed", error=f"{type(exc).__name__}: {exc}")
             await self._flush_reports(1.0)
-        left = await self.local.stop(members, grace=max(1.0, deadline - loop.time()))
+        left |= await self.local.stop(members, grace=max(1.0, deadline - loop.time()))
         await self.tasks.cancel_all()
         self.coordinator = None
         await self.ray.disconnect()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 from typing import Any
 
 from controller.config import Config
@@ -43,9 +44,12 @@ class NodeBase:
         raise NotImplementedError
 
     def member_info(self, role: str, address: str | None) -> dict[str, Any]:
+        import ray
+
         return {"node_id": self.config.node_id, "role": role, "ray_node_id": self.ray_node_id,
                 "address": address, "pid": os.getpid(),
-                "ray_pgid": self.ray.node.pgid if self.ray.node else None}
+                "ray_pgid": self.ray.node.pgid if self.ray.node else None,
+                "ray_version": ray.__version__, "python_version": platform.python_version()}
 
     async def _report_loop(self) -> None:
         """Send this node's transitions to the coordinator, in order."""

@@ -216,6 +216,12 @@ class RayAdapter:
 
         return await self._bounded(ray.nodes, self.call_timeout, "ray.nodes")
 
+    async def cluster_resources(self) -> dict[str, float]:
+        """The cluster's total resources (CPU, GPU, memory, ...)."""
+        import ray
+
+        return await self._bounded(ray.cluster_resources, self.call_timeout, "ray.cluster_resources")
+
     async def alive_nodes(self) -> list[dict[str, Any]]:
         return [n for n in await self.nodes() if n.get("Alive")]
 

@@ -1,5 +1,6 @@
 """The head's view of the engine replicas (replicated mode): one replica actor per
-live node, created where missing, dropped with their node, polled for state."""
+live node (at most `limit`), created where missing, dropped with their node,
+polled for state and for their engine's output."""
 
 from __future__ import annotations
 
@@ -10,19 +11,39 @@ from controller.logs import log
 
 # Replica states in which the replica serves.
 READY = "READY"
+FAILED = "FAILED"
+
+
+def choose_nodes(members: list[dict[str, Any]], have: set[str], limit: int) -> list[str]:
+    """The node ids that should run a replica: those that have one stay, then the
+    head, then the others by address, up to `limit` (0: every node)."""
+    live = [m["node_id"] for m in members]
+    keep = [n for n in live if n in have]
+    order = sorted((m for m in members if m["node_id"] not in have),
+                   key=lambda m: (m.get("role") != "head", m.get("address") or "", m["node_id"]))
+    chosen = keep + [m["node_id"] for m in order]
+    return chosen if limit <= 0 else chosen[:limit]
 
 
 class ReplicaSet:
-    def __init__(self, model: str, served_name: str, poll_timeout: float = 5.0) -> None:
+    def __init__(self, model: str, served_name: str, limit: int = 0, engine_port: int = 0,
+                 supervision: dict[str, Any] | None = None, poll_timeout: float = 5.0) -> None:
         self.model = model
         self.served_name = served_name
+        self.limit = limit
+        self.engine_port = engine_port
+        self.supervision = supervision or {}
         self.poll_timeout = poll_timeout
         self.handles: dict[str, Any] = {}
         self.ever_ready: set[str] = set()
         self.last: dict[str, dict[str, Any]] = {}
+        self.output_seq: dict[str, int] = {}
+
+    def wanted(self, expected_nodes: int) -> int:
+        return expected_nodes if self.limit <= 0 else min(self.limit, expected_nodes)
 
     def ensure(self, members: list[dict[str, Any]]) -> None:
-        """One replica actor per live member; forget those whose node is gone."""
+        """A replica actor on each chosen live member; forget those whose node is gone."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -36,38 +57,46 @@ class ReplicaSet:
                 self.handles.pop(node_id)
                 self.ever_ready.discard(node_id)
                 self.last.pop(node_id, None)
-        for node_id, m in live.items():
+                self.output_seq.pop(node_id, None)
+        for node_id in choose_nodes(members, set(self.handles), self.limit):
             if node_id in self.handles:
                 continue
+            m = live[node_id]
             replica_id = f"replica-{node_id}"
-            spec = {"model": self.model, "served_name": self.served_name, "host": m["address"], "port": 0}
+            spec = {"model": self.model, "served_name": self.served_name, "host": m["address"],
+                    "port": self.engine_port}
             handle = ray.remote(ReplicaActor).options(
                 name=replica_id, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
                 num_cpus=0, max_restarts=0, max_concurrency=100,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=m["ray_node_id"], soft=False),
-            ).remote(replica_id, node_id, spec)
+            ).remote(replica_id, node_id, spec, **self.supervision)
             handle.start.remote()
             self.handles[node_id] = handle
             log.info("replica_created", replica_id=replica_id, node_id=node_id, address=m["address"])
 
     async def poll(self) -> list[dict[str, Any]]:
+        """Every replica's state; their new engine output goes into this log."""
         async def one(node_id: str, handle: Any) -> dict[str, Any]:
             try:
-                return await asyncio.wait_for(handle.status.remote(), self.poll_timeout)
+                return await asyncio.wait_for(handle.status.remote(self.output_seq.get(node_id, 0)),
+                                              self.poll_timeout)
             except Exception as exc:
                 return {"replica_id": f"replica-{node_id}", "node_id": node_id, "url": None,
                         "state": "UNREACHABLE", "reason": f"{type(exc).__name__}: {exc}"[:300]}
 
         statuses = await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
         for s in statuses:
+            for seq, line in s.pop("output", []):
+                log.info("engine_output", replica_id=s["replica_id"], line=line)
+                self.output_seq[s["node_id"]] = seq
             self.last[s["node_id"]] = s
             if s["state"] == READY:
                 self.ever_ready.add(s["node_id"])
         return list(statuses)
 
-    def all_ready(self, expected: int) -> bool:
+    def all_ready(self, expected_nodes: int) -> bool:
         ready = [s for s in self.last.values() if s["state"] == READY]
-        return len(self.handles) >= expected and len(ready) == len(self.handles)
+        return len(self.handles) >= self.wanted(expected_nodes) and len(ready) == len(self.handles)
 
     def failure(self) -> str | None:
         """Why a replica that served no longer does, if one doesn't."""
@@ -75,6 +104,13 @@ class ReplicaSet:
             s = self.last.get(node_id)
             if s is not None and s["state"] != READY:
                 return f"{s['replica_id']} is {s['state']}: {s.get('reason') or 'no reason given'}"
+        return None
+
+    def given_up(self) -> str | None:
+        """A replica whose supervisor gave up (no more restarts), if any."""
+        for s in self.last.values():
+            if s["state"] == FAILED:
+                return f"{s['replica_id']} failed: {s.get('reason') or 'no reason given'}"
         return None
 
     async def stop_all(self, timeout: float) -> None:

@@ -14,7 +14,7 @@ from tenacity import (
     wait_fixed,
 )
 
-from controller.coordinator import CoordinatorClient, iso_now
+from controller.coordinator import CoordinatorClient, Refused, iso_now
 from controller.logs import log
 from controller.monitors import CoordinatorWatch, GcsCliMonitor
 from controller.node import NodeBase
@@ -28,6 +28,10 @@ MONITORS = ("heartbeat", "watch", "gcs_cli_monitor")
 
 class JoinError(RuntimeError):
     """One join attempt failed; another may succeed."""
+
+
+class JoinRefused(RuntimeError):
+    """The cluster refused this node (not retried: it would be refused again)."""
 
 
 class WorkerNode(NodeBase):
@@ -126,7 +130,12 @@ class WorkerNode(NodeBase):
         await self.ray.connect(cfg.head_address, timeout=30.0)
         self.ray_node_id = self.ray.ray_node_id()
         coordinator = await self._find_coordinator()
-        await coordinator.register(self.member_info("worker", cfg.node_ip_address))
+        try:
+            await coordinator.register(self.member_info("worker", cfg.node_ip_address))
+        except Refused as exc:
+            # Ray raises a subclass whose text is the actor's traceback; the reason is its cause.
+            reason = getattr(exc, "cause", None) or exc
+            raise JoinRefused(f"the coordinator refused this node: {reason}") from None
         self.coordinator = coordinator
         log.info("registered", epoch=coordinator.epoch, ray_node_id=self.ray_node_id)
         self.board.set(joined=True, my_epoch=coordinator.epoch, cluster_epoch=coordinator.epoch)

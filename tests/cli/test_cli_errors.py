@@ -20,3 +20,26 @@ def test_bad_flags_exit_2_with_one_line(argv, message):
     assert r.returncode == 2
     assert r.stderr == f"controller: error: {message}\n"
     assert r.stdout == ""
+
+
+def run_controller(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "controller", *argv], capture_output=True, text=True, timeout=60)
+
+
+def test_missing_model_path_fails_pre_flight(tmp_path):
+    r = run_controller("--role", "head", "--model", str(tmp_path / "no-such-model"), "--ray-port", "1")
+    assert r.returncode == 2
+    assert r.stderr == f"controller: error: pre-flight: model path {tmp_path / 'no-such-model'} does not exist\n"
+    assert r.stdout == ""  # nothing started, nothing logged
+
+
+def test_object_store_larger_than_dev_shm_fails_pre_flight():
+    import os
+
+    st = os.statvfs("/dev/shm")
+    too_big = st.f_blocks * st.f_frsize // 2 + 1  # two nodes on this machine: twice that does not fit
+    r = run_controller("--role", "head", "--local-workers", "1", "--object-store-memory", str(too_big))
+    assert r.returncode == 2
+    assert r.stderr.startswith("controller: error: pre-flight: /dev/shm holds ")
+    assert r.stderr.endswith("enlarge /dev/shm (docker: --shm-size) or lower --object-store-memory\n")
+    assert r.stderr.count("\n") == 1 and r.stdout == ""

@@ -70,7 +70,7 @@ class Cluster:
 
 def head_args(ray_port: int, control_port: int, state_dir: Path, *extra: str) -> list[str]:
     return ["--role", "head", "--ray-port", str(ray_port), "--control-port", str(control_port),
-            "--log-format", "json", "--state-dir", str(state_dir), *extra]
+            "--log-format", "json", "--state-dir", str(state_dir), "--engine", "none", *extra]
 
 
 def start_cluster(tmp: Path, local_workers: int = 2, extra: tuple[str, ...] = ()) -> Cluster:

@@ -58,7 +58,7 @@ def test_second_head_on_the_same_port_is_refused(cluster):
     control = tk.free_port()
     second = cluster.start(
         ["--role", "head", "--ray-port", str(cluster.ray_port), "--control-port", str(control),
-         "--node-ip-address", HEAD_IP, "--log-format", "json", "--state-dir", str(cluster.tmp / "state2")],
+         "--node-ip-address", HEAD_IP, "--log-format", "json", "--state-dir", str(cluster.tmp / "state2"), "--engine", "none"],
         "second-head")
     t0 = time.monotonic()
     assert second.wait(90) == 1

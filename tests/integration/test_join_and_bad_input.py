@@ -6,7 +6,7 @@ import re
 import socket
 import time
 
-from controller import testkit as tk
+from controller import processes, testkit as tk
 
 from .conftest import HEAD_IP, SERVING_TIMEOUT, Cluster, head_args, stop_cluster
 
@@ -41,6 +41,20 @@ def test_worker_started_before_its_head_retries_and_joins(tmp_path):
         assert [e["attempt"] for e in failures] == list(range(1, len(failures) + 1))
         assert all(e["wait_s"] == 3.0 for e in failures)
         assert [e for e in events if e["event"] == "registered"]
+
+        # A second node claiming the same IP is refused by the coordinator: once, clearly, cleanly.
+        imposter = c.start(["--role", "worker", "--head-address", c.head_address, "--node-ip-address", "127.0.0.3",
+                            "--node-id", "imposter", "--log-format", "json", "--join-delay", "1"], "imposter")
+        assert imposter.wait(90) == 1
+        assert last_line(imposter) == (
+            "controller: error: the coordinator refused this node: node imposter reports address 127.0.0.3, "
+            "which node worker-127.0.0.3 already has: every node needs its own IP (set --node-ip-address)")
+        assert len([e for e in imposter.events() if e["event"] == "join_attempt"]) == 1  # not retried
+        groups = ray_groups_from_log(imposter)
+        assert groups  # it did start Ray, and stopped it when refused
+        c.pgids |= groups
+        assert not processes.tree({imposter.pid}, groups)
+        assert c.status()["cluster"]["state"] == "SERVING"
         stop_cluster(c, worker)
     finally:
         c.cleanup()

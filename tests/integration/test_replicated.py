@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from openai import OpenAI
@@ -18,7 +22,7 @@ ENGINES_TIMEOUT = 420
 @pytest.fixture(scope="module")
 def engine_cluster(tmp_path_factory):
     c = serving_cluster(tmp_path_factory.mktemp("engines"), ENGINES_TIMEOUT,
-                        extra=("--engine", "vllm", "--wait-timeout", "400"))
+                        extra=("--engine", "vllm", "--wait-timeout", "400", "--probe-interval", "5"))
     yield c
     stop_cluster(c)
 
@@ -38,6 +42,10 @@ def test_every_node_runs_a_replica_that_answers_real_completions(engine_cluster)
         chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=2)
         assert chat.usage.completion_tokens == 2
+    # Each engine's output is in the head's structured log, under its replica id.
+    output = [e for e in engine_cluster.head.events() if e["event"] == "engine_output"]
+    assert {e["replica_id"] for e in output} == {r["replica_id"] for r in replicas}
+    assert all(e["node_id"] == "head-127.0.0.2" and e["line"] for e in output)
 
 
 def test_killed_engine_degrades_then_restarts_to_serving(engine_cluster):
@@ -62,6 +70,41 @@ def test_killed_engine_degrades_then_restarts_to_serving(engine_cluster):
         model="tiny", prompt="again", max_tokens=2)
     assert out.usage.completion_tokens == 2
     assert tk.transitions(engine_cluster.head.events(), "head-127.0.0.2")[-1]["trigger"] == "recovered"
+
+
+def engine_core_pid(api_server_pid: int) -> int:
+    """vLLM's engine core: the child of the API server that generates tokens."""
+    for pid in processes.tree({api_server_pid}) - {api_server_pid}:
+        try:
+            if "EngineCore" in Path(f"/proc/{pid}/cmdline").read_text() + Path(f"/proc/{pid}/comm").read_text():
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no EngineCore process under {api_server_pid}")
+
+
+def test_engine_alive_but_not_generating_is_caught_by_the_probe(engine_cluster):
+    c = engine_cluster
+    s = c.status()
+    victim = next(r for r in s["replicas"] if r["node_id"] == "worker-127.0.0.4")
+    core = engine_core_pid(victim["pid"])
+    os.kill(core, signal.SIGSTOP)  # the API server still answers /health; no token comes out
+    try:
+        with urllib.request.urlopen(victim["url"] + "/health", timeout=5) as resp:
+            assert resp.status == 200
+        degraded = tk.wait_cluster_state(c.control_port, "DEGRADED", 90)
+        move = tk.transitions(c.head.events(), "head-127.0.0.2")[-1]
+        assert move["trigger"] == "engine_failed"
+        assert move["reason"].startswith(f"{victim['replica_id']} is RESTARTING: generation probe failed 2 times "
+                                         "in a row: generation probe failed: TimeoutError"), move["reason"]
+        assert degraded["cluster"]["state"] == "DEGRADED"
+    finally:
+        if processes.is_running(core):
+            os.kill(core, signal.SIGCONT)
+    back = tk.wait_cluster_state(c.control_port, "SERVING", ENGINES_TIMEOUT)
+    assert not processes.is_running(core)  # the hung engine was stopped, not left behind
+    restarted = next(r for r in back["replicas"] if r["replica_id"] == victim["replica_id"])
+    assert restarted["state"] == "READY" and restarted["restarts"] == 1
 
 
 def test_lost_node_takes_its_replica_and_a_new_worker_gets_one(engine_cluster):

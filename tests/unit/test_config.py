@@ -42,7 +42,12 @@ def test_local_cluster_defaults():
     (["--role", "head", "--local-workers", "2", "--expected-workers", "1"], {}, "less than local-workers"),
     (["--role", "worker", "--head-address", "h:1", "--local-workers", "1"], {}, "head only"),
     (["--role", "head", "--join-attempts", "0"], {}, "join-attempts must be 1 or more"),
-    (["--role", "head", "--engine", "vllm", "--mode", "sharded"], {}, "not available in this version"),
+    (["--role", "head", "--replicas", "3", "--local-workers", "1"], {}, "--replicas 3 is more than the cluster's nodes (2)"),
+    (["--role", "head", "--mode", "sharded", "--replicas", "2"], {}, "sharded mode runs one engine"),
+    (["--role", "head", "--tensor-parallel-size", "2"], {}, "are for --mode sharded"),
+    (["--role", "head", "--engine-port", "70000"], {}, "engine-port must be a port"),
+    (["--role", "head", "--probe-interval", "0"], {}, "probe-interval must be greater than 0"),
+    (["--role", "head", "--engine-restarts", "-1"], {}, "engine-restarts must be 0 or more"),
     (["--role", "head", "--bogus"], {}, "unrecognized arguments"),
 ])
 def test_bad_input_is_one_clear_line(argv, env, message):

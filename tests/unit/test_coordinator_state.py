@@ -8,13 +8,41 @@ from controller.coordinator import (
     HISTORY_SIZE,
     Coordinator,
     CoordinatorState,
+    Refused,
     StaleEpoch,
 )
 
 
-def member(node_id="worker-a", role="worker"):
-    return {"node_id": node_id, "role": role, "ray_node_id": "r-" + node_id, "address": "127.0.0.3",
-            "pid": 123, "ray_pgid": 124}
+def member(node_id="worker-a", role="worker", address=None, ray_version="2.60.0"):
+    return {"node_id": node_id, "role": role, "ray_node_id": "r-" + node_id,
+            "address": address or f"10.0.0.{abs(hash(node_id)) % 250 + 1}",
+            "pid": 123, "ray_pgid": 124, "ray_version": ray_version, "python_version": "3.11.7"}
+
+
+def test_two_live_nodes_with_one_address_are_refused():
+    c = CoordinatorState(epoch=1)
+    c.register(member("head", "head", address="10.0.0.1"), epoch=1)
+    c.register(member("a", address="10.0.0.2"), epoch=1)
+    with pytest.raises(Refused, match="node b reports address 10.0.0.2, which node a already has"):
+        c.register(member("b", address="10.0.0.2"), epoch=1)
+    assert "b" not in {m["node_id"] for m in c.snapshot()["members"]}
+    c.register(member("a", address="10.0.0.2"), epoch=1)  # the same node again: a rejoin
+    c.mark_lost(1, ["a"])
+    c.register(member("b", address="10.0.0.2"), epoch=1)  # the address of a lost node is free
+
+
+def test_a_node_with_another_ray_version_is_refused():
+    c = CoordinatorState(epoch=1)
+    c.register(member("head", "head"), epoch=1)
+    with pytest.raises(Refused, match="node a runs Ray 2.59.0 but the head runs 2.60.0"):
+        c.register(member("a", ray_version="2.59.0"), epoch=1)
+
+
+def test_refusal_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(Refused("why")))
+    assert isinstance(err, Refused) and str(err) == "why"
 
 
 def test_register_requires_current_epoch():

@@ -1,6 +1,6 @@
 """The head's readiness rule for replicas, without Ray."""
 
-from controller.replicas import ReplicaSet
+from controller.replicas import ReplicaSet, choose_nodes
 
 
 def with_states(states: dict[str, str], ever_ready=()) -> ReplicaSet:
@@ -25,3 +25,23 @@ def test_failure_only_for_replicas_that_served():
     assert starting.failure() is None  # b never served: it is starting, not failing
     failed = with_states({"a": "READY", "b": "RESTARTING"}, ever_ready={"a", "b"})
     assert failed.failure() == "replica-b is RESTARTING: engine exited with code -9"
+
+
+def test_limit_counts_wanted_replicas():
+    rs = with_states({"a": "READY", "b": "READY"})
+    rs.limit = 2
+    assert rs.all_ready(3)  # two replicas wanted on a three-node cluster
+    assert not with_states({"a": "READY", "b": "READY"}).all_ready(3)
+
+
+def test_given_up_names_the_failed_replica():
+    assert with_states({"a": "READY"}).given_up() is None
+    assert with_states({"a": "READY", "b": "FAILED"}).given_up() == "replica-b failed: engine exited with code -9"
+
+
+def test_choose_nodes_keeps_replicas_then_head_first():
+    members = [{"node_id": n, "role": r, "address": a} for n, r, a in
+               [("w2", "worker", "10.0.0.3"), ("h", "head", "10.0.0.9"), ("w1", "worker", "10.0.0.2")]]
+    assert choose_nodes(members, set(), 0) == ["h", "w1", "w2"]
+    assert choose_nodes(members, set(), 2) == ["h", "w1"]
+    assert choose_nodes(members, {"w2"}, 2) == ["w2", "h"]  # a running replica is not moved

@@ -1,0 +1,97 @@
+"""Pre-flight checks: problems found before anything starts, each a clear error.
+
+Local checks run in `python -m controller` before Ray or an engine starts (exit
+2). Cluster checks need the joined nodes: the coordinator refuses a member
+whose address or versions clash (`member_problem`), and the head checks that a
+sharded engine fits the cluster's GPUs before launching it (`gpu_fit_problem`).
+Each function returns None or the one-line problem.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from controller.config import Config
+from controller.ray_adapter import available_memory, object_store_bytes, shm_size
+
+RAY_MIN_OBJECT_STORE = 78 * 1024 * 1024
+GB = 10**9
+
+
+class PreflightError(RuntimeError):
+    """A pre-flight check failed; the message says which and what to do."""
+
+
+def model_problem(model: str | None) -> str | None:
+    """A local model path must be a readable Hugging Face model directory.
+
+    Anything that is not a path (no leading '/', '.', '~' and nothing at that
+    path) is a hub id, which only vLLM can resolve.
+    """
+    if model in (None, "tiny"):
+        return None
+    path = Path(model).expanduser()
+    if not (model.startswith(("/", ".", "~")) or path.exists()):
+        return None
+    if not path.exists():
+        return f"model path {model} does not exist"
+    if not path.is_dir():
+        return f"model path {model} is not a directory"
+    config = path / "config.json"
+    if not os.access(path, os.R_OK | os.X_OK) or (config.exists() and not os.access(config, os.R_OK)):
+        return f"model path {model} is not readable by this user"
+    if not config.is_file():
+        return f"model path {model} has no config.json: not a Hugging Face model directory"
+    return None
+
+
+def shm_problem(per_node: int, nodes_on_machine: int, shm: int) -> str | None:
+    """Ray keeps its object store in /dev/shm; one that is too small makes Ray fall
+    back to disk (slow) or fail when the store fills."""
+    needed = per_node * nodes_on_machine
+    if needed <= shm and per_node >= RAY_MIN_OBJECT_STORE:
+        return None
+    return (f"/dev/shm holds {shm / GB:.2f} GB but the object store needs {needed / GB:.2f} GB "
+            f"({per_node} bytes for each of {nodes_on_machine} node(s) on this machine): "
+            "enlarge /dev/shm (docker: --shm-size) or lower --object-store-memory")
+
+
+def gpu_fit_problem(tensor_parallel: int, pipeline_parallel: int, cluster_gpus: float) -> str | None:
+    needed = tensor_parallel * pipeline_parallel
+    if needed <= cluster_gpus:
+        return None
+    return (f"sharded mode needs tensor-parallel-size x pipeline-parallel-size = "
+            f"{tensor_parallel} x {pipeline_parallel} = {needed} GPUs; the cluster has {cluster_gpus:g}")
+
+
+def member_problem(members: dict[str, dict[str, Any]], new: dict[str, Any]) -> str | None:
+    """Why the coordinator must refuse `new`: an address another live node reports,
+    or Ray/Python versions that differ from the head's."""
+    for node_id, m in members.items():
+        if node_id == new["node_id"] or not m.get("alive") or m.get("state") in ("LOST", "STOPPED"):
+            continue
+        if new.get("address") and m.get("address") == new["address"]:
+            return (f"node {new['node_id']} reports address {new['address']}, which node {node_id} "
+                    "already has: every node needs its own IP (set --node-ip-address)")
+    head = next((m for m in members.values() if m.get("role") == "head"), None)
+    if head is not None and new.get("role") != "head":
+        for key, what in (("ray_version", "Ray"), ("python_version", "Python")):
+            if head.get(key) and new.get(key) and head[key] != new[key]:
+                return (f"node {new['node_id']} runs {what} {new[key]} but the head runs {head[key]}: "
+                        f"every node needs the same {what} version")
+    return None
+
+
+def local_checks(config: Config) -> None:
+    """Everything checkable on this machine before starting anything."""
+    problems = []
+    if config.role == "head" and config.engine == "vllm":
+        problems.append(model_problem(config.model))
+    nodes_here = 1 + (config.local_workers if config.role == "head" else 0)
+    per_node = config.object_store_memory or object_store_bytes(available_memory(), shm_size(), nodes_here)
+    problems.append(shm_problem(per_node, nodes_here, shm_size()))
+    for problem in problems:
+        if problem:
+            raise PreflightError(problem)
