@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             head = tk.start_controller(
                 ["--role", "head", "--local-workers", "2", "--engine", "vllm", "--ray-port", str(rp),
-                 "--control-port", str(cp), "--log-format", "json", "--state-dir", f"{tmp}/state"],
+                 "--control-port", str(cp), "--serve-port", str(tk.free_port()), "--log-format", "json",
+                 "--state-dir", f"{tmp}/state"],
                 Path(tmp) / f"head-{i}.log", control_port=cp)
             pids, pgids = {head.pid}, set()
             try:

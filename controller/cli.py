@@ -64,17 +64,21 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
         stop_watch = loop.create_task(_watch_stop())
 
     server = None
+    gateway = node.gateway if isinstance(node, HeadNode) else None
     if isinstance(node, HeadNode):
         server = ControlServer(config.control_host, config.control_port,
-                               state=lambda: node_loop.state, status=node.status,
+                               state=lambda: node_loop.state, ready=node.ready, status=node.status,
                                request_drain=request_drain)
         try:
             await server.start()
+            if gateway is not None:
+                await gateway.start()
         except OSError as exc:
+            await server.stop()
             log.error("fatal", reason=str(exc))
             return fail(str(exc), EXIT_FATAL)
 
-    log.info("controller_starting", config={k: v for k, v in config.as_dict().items()})
+    log.info("controller_starting", config=config.printable())
     try:
         result = await node_loop.run()
     finally:
@@ -83,6 +87,8 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
                                    config.drain_timeout + CLEANUP_MARGIN_S)
         except Exception as exc:
             log.error("cleanup_failed", error=f"{type(exc).__name__}: {exc}")
+        if gateway is not None:
+            await gateway.stop()
         if server is not None:
             await server.stop()
         if stop_watch is not None:

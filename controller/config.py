@@ -42,6 +42,7 @@ class Option:
     help: str
     choices: tuple[str, ...] | None = None
     flag_only: bool = False  # a switch: `--flag` means true
+    secret: bool = False  # never logged or printed
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -66,6 +67,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("engine_restarts", int, 5, "restarts of a failed engine before it is given up"),
     Option("probe_interval", float, 30.0, "seconds between generation probes of each engine"),
     Option("serve_port", int, 8000, "OpenAI-compatible API port on the head"),
+    Option("serve_host", str, "0.0.0.0", "address the OpenAI-compatible API binds to"),
+    Option("api_key", str, None, "API key clients must send (Authorization: Bearer KEY); "
+           "best set through LLMCTL_API_KEY", secret=True),
+    Option("max_body_bytes", int, 4 * 2**20, "largest request body the API accepts, bytes"),
+    Option("request_timeout", float, 600.0, "seconds one API request may take"),
+    Option("max_in_flight", int, 64, "requests in flight per replica; more wait in a queue"),
     Option("control_port", int, 8080, "control HTTP port on the head"),
     Option("control_host", str, "127.0.0.1", "address the control port binds to"),
     Option("drain_timeout", float, 30.0, "seconds a drain waits for in-flight work and workers"),
@@ -107,6 +114,11 @@ class Config:
     engine_restarts: int
     probe_interval: float
     serve_port: int
+    serve_host: str
+    api_key: str | None
+    max_body_bytes: int
+    request_timeout: float
+    max_in_flight: int
     control_port: int
     control_host: str
     drain_timeout: float
@@ -138,6 +150,10 @@ class Config:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def printable(self) -> dict[str, Any]:
+        """as_dict() with secrets masked: what may be logged."""
+        return {k: ("***" if v and _BY_NAME[k].secret else v) for k, v in self.as_dict().items()}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -238,6 +254,8 @@ def _validate(v: dict[str, Any]) -> Config:
         parse_host_port(v["head_address"], "head-address")
         if v["local_workers"]:
             raise ConfigError("--local-workers is for the head only")
+    if v["api_key"] is not None and not v["api_key"].strip():
+        raise ConfigError("api-key is empty: leave it unset for no key")
     for name in ("ray_port", "serve_port", "control_port"):
         _check_port(name, v[name])
     if v["node_ip_address"] is not None:
@@ -260,12 +278,13 @@ def _validate(v: dict[str, Any]) -> Config:
         v["node_ip_address"] = "127.0.0.2"
     for name in ("wait_timeout", "join_delay", "join_attempt_timeout", "drain_timeout",
                  "health_interval", "health_cli_interval", "tick_interval", "engine_timeout",
-                 "probe_interval"):
+                 "probe_interval", "request_timeout"):
         if not v[name] > 0:
             raise ConfigError(f"{name.replace('_', '-')} must be greater than 0, got {v[name]}")
     if v["degraded_timeout"] < 0:
         raise ConfigError(f"degraded-timeout must be 0 (never) or more, got {v['degraded_timeout']}")
-    for name in ("join_attempts", "failure_threshold", "tensor_parallel_size", "pipeline_parallel_size"):
+    for name in ("join_attempts", "failure_threshold", "tensor_parallel_size", "pipeline_parallel_size",
+                 "max_body_bytes", "max_in_flight"):
         if v[name] < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be 1 or more, got {v[name]}")
     if v["object_store_memory"] is not None and v["object_store_memory"] < 78 * 1024 * 1024:

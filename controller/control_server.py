@@ -1,5 +1,7 @@
 """The head's control HTTP server: /healthz, /ready, /status and POST /drain.
 
+`/ready` is 200 only while requests can be served (see HeadNode.ready).
+
 Bound to 127.0.0.1 by default; binding elsewhere is an explicit flag.
 """
 
@@ -12,22 +14,20 @@ from aiohttp import web
 from controller.logs import log
 from states import State
 
-# States in which requests can be served (with `--engine none`: the cluster is whole).
-READY_STATES = (State.SERVING,)
-
-
 class ControlServer:
     def __init__(
         self,
         host: str,
         port: int,
         state: Callable[[], State],
+        ready: Callable[[], bool],
         status: Callable[[], Awaitable[dict[str, Any]]],
         request_drain: Callable[[str], None],
     ) -> None:
         self.host = host
         self.port = port
         self._state = state
+        self._ready = ready
         self._status = status
         self._request_drain = request_drain
         self._runner: web.AppRunner | None = None
@@ -63,7 +63,7 @@ class ControlServer:
 
     async def ready(self, request: web.Request) -> web.Response:
         state = self._state()
-        ready = state in READY_STATES
+        ready = self._ready()
         return web.json_response({"ready": ready, "state": state.value}, status=200 if ready else 503)
 
     async def status(self, request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ from controller.loop import Board
 from controller.monitors import GONE_STATES, ClusterMonitor, GcsCliMonitor
 from controller.node import NodeBase
 from controller.engine import EngineSpec, free_port
+from controller.gateway import Gateway
 from controller.replicas import ReplicaSet
 from controller.sharded import REPLICA_ID as SHARDED_ID
 from controller.sharded import ShardedEngine, sharded_spec
@@ -75,7 +76,11 @@ class HeadNode(NodeBase):
         self.since = iso_now()
         self.replicas: ReplicaSet | None = None
         self.sharded: ShardedEngine | None = None
+        self.gateway: Gateway | None = None
         if config.engine == "vllm":
+            self.gateway = Gateway(config.serve_host, config.serve_port, api_key=config.api_key,
+                                   max_body_bytes=config.max_body_bytes, request_timeout=config.request_timeout,
+                                   max_in_flight=config.max_in_flight, on_unhealthy=self._gateway_signal)
             supervision = {"ready_timeout": config.engine_timeout, "probe_interval": config.probe_interval,
                            "max_restarts": config.engine_restarts}
             if config.mode == "sharded":
@@ -229,22 +234,40 @@ class HeadNode(NodeBase):
                     break
                 await asyncio.sleep(0.5)
 
+    def ready(self) -> bool:
+        """Requests can be served: the cluster serves (at reduced capacity in DEGRADED,
+        with replicas) and the gateway has a replica to send them to."""
+        if self.gateway is None:
+            return self.state is State.SERVING
+        return self.state in (State.SERVING, State.DEGRADED) and self.gateway.can_serve()
+
+    def _gateway_signal(self, reason: str) -> None:
+        """A replica refused or reset a connection: the loop hears it now, not at the next poll."""
+        self.board.set(engine_failure=reason)
+
     async def _reconcile_engines(self) -> None:
         """Bring the engines in line with the cluster and publish their state."""
-        assert self.coordinator is not None
+        assert self.coordinator is not None and self.gateway is not None
         if self.replicas is not None:
-            await self._reconcile_replicas()
-            given_up = self.replicas.given_up()
+            statuses = await self._reconcile_replicas()
+            given_up, failure = self.replicas.given_up(), self.replicas.failure()
         else:
-            await self._reconcile_sharded()
+            statuses = await self._reconcile_sharded()
             given_up = self.sharded.given_up() if self.sharded else None
+            failure = self.sharded.failure() if self.sharded else None
+        if statuses is None:
+            return
+        self.gateway.update_replicas(statuses)
+        # The supervisors' word and the gateway's own signals, cross-checked: either
+        # one seeing a replica fail keeps the cluster DEGRADED.
+        self.board.set(engine_failure=failure or self.gateway.failure())
         if given_up and self.state is State.WAITING_FOR_WORKERS:
             # Before the cluster ever served, an engine that cannot start is a
             # configuration problem (bad model, taken port): say so now, not at
             # the wait timeout.
             self.board.set(fatal=f"{given_up}; the cluster cannot serve")
 
-    async def _reconcile_replicas(self) -> None:
+    async def _reconcile_replicas(self) -> list[dict[str, Any]]:
         """One replica per chosen live node: create the missing, poll all, publish their state."""
         assert self.replicas is not None and self.coordinator is not None
         snap = await self.coordinator.snapshot()
@@ -256,18 +279,20 @@ class HeadNode(NodeBase):
         # Ready means a ready replica for every wanted node, not for the nodes seen
         # at this poll: a node that just joined has no replica yet, and the cluster
         # must not call itself recovered before it has one.
-        self.board.set(engines_ready=self.replicas.all_ready(self.config.expected_nodes),
-                       engine_failure=self.replicas.failure())
+        self.board.set(engines_ready=self.replicas.all_ready(self.config.expected_nodes))
+        return statuses
 
-    async def _reconcile_sharded(self) -> None:
+    async def _reconcile_sharded(self) -> list[dict[str, Any]] | None:
         assert self.sharded is not None and self.coordinator is not None
         gpus = (await self.ray.cluster_resources()).get("GPU", 0.0)
         problem = await self.sharded.reconcile(self.board.get("alive_nodes"), self.config.expected_nodes, gpus)
         if problem:
             self.board.set(fatal=problem)
-            return
-        await self.coordinator.set_replicas(self.sharded.statuses())
-        self.board.set(engines_ready=self.sharded.ready(), engine_failure=self.sharded.failure())
+            return None
+        statuses = self.sharded.statuses()
+        await self.coordinator.set_replicas(statuses)
+        self.board.set(engines_ready=self.sharded.ready())
+        return statuses
 
     def _sharded_spec(self) -> EngineSpec:
         cfg = self.config
@@ -304,6 +329,10 @@ class HeadNode(NodeBase):
         self._shutdown_done = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if self.gateway is not None:
+            # New requests get 503 from here on; the ones in flight finish first.
+            self.gateway.start_draining()
+            await self.gateway.wait_idle(max(0.0, deadline - loop.time()))
         await self.tasks.cancel("cluster_monitor", "gcs_cli_monitor", "local_workers", "bring_up", "engines")
         left: set[int] = set()
         if self.sharded is not None:
@@ -331,6 +360,18 @@ class HeadNode(NodeBase):
         if left:
             log.error("processes_left_running", pids=sorted(left))
         log.info("head_shutdown_complete")
+
+    def _replicas_with_load(self, replicas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        load = self.gateway.replica_load() if self.gateway else {}
+        empty = {"in_flight": 0, "requests": 0, "failed": 0}
+        return [{**r, **load.get(r["replica_id"], empty)} for r in replicas]
+
+    def _gateway_status(self) -> dict[str, Any] | None:
+        g = self.gateway
+        if g is None:
+            return None
+        return {"port": g.port, "in_flight": g.in_flight, "draining": g.draining,
+                "unhealthy": {r.replica_id: r.unhealthy for r in g.pool.marked()}, "counts": dict(g.counts)}
 
     async def _wait_workers_gone(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -381,6 +422,7 @@ class HeadNode(NodeBase):
                 "coordinator_reachable": snap is not None,
             },
             "nodes": nodes,
-            "replicas": snap["replicas"] if snap else [],
+            "replicas": self._replicas_with_load(snap["replicas"] if snap else []),
+            "gateway": self._gateway_status(),
             "transitions": snap["transitions"] if snap else list(self.history),
         }

@@ -1,6 +1,6 @@
 """The one-machine quickstart: a head and local worker nodes, one vLLM engine
 replica per node serving the tiny model (made on the spot), an OpenAI-compatible
-completion answered, `/status` printed, then a clean drain and stop (or
+completion answered through the gateway, `/status` printed, then a clean drain and stop (or
 `--stay` to keep it up).
 
     python -m controller.quickstart [--stay] [--local-workers N] [--engine none] [head flags...]
@@ -27,17 +27,17 @@ def print_status(status: dict) -> None:
     for n in status["nodes"]:
         print(f"  {n['role']:<7} {n['node_id']:<20} {n['state']:<20} {n['address']:<12} pid {n['pid']}")
     for r in status["replicas"]:
-        print(f"  replica {r['replica_id']:<28} {r['state']:<10} {r['url']}")
+        print(f"  replica {r['replica_id']:<28} {r['state']:<10} {r['url']}  requests {r.get('requests', 0)}")
     print("\n/status:")
     print(json.dumps(status, indent=2))
     sys.stdout.flush()
 
 
-def answer_one_completion(status: dict, t0: float) -> None:
-    """Ask a replica for a completion through its OpenAI-compatible API, and show it."""
-    replica = next(r for r in status["replicas"] if r["state"] == "READY")
-    answer = tk.complete(replica["url"], "The cluster", max_tokens=8)
-    print(f"quickstart: POST {replica['url']}/v1/completions -> {answer['choices'][0]['text']!r} "
+def answer_one_completion(serve_port: int, t0: float) -> None:
+    """Ask the gateway for a completion through its OpenAI-compatible API, and show it."""
+    url = f"http://127.0.0.1:{serve_port}"
+    answer = tk.complete(url, "The cluster", max_tokens=8)
+    print(f"quickstart: POST {url}/v1/completions -> {answer['choices'][0]['text']!r} "
           f"({answer['usage']['completion_tokens']} tokens; random weights, so the words are noise)", flush=True)
     print(f"quickstart: first completion answered {time.monotonic() - t0:.1f}s after the start", flush=True)
 
@@ -48,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stay", action="store_true", help="keep the cluster up until Ctrl-C")
     parser.add_argument("--local-workers", type=int, default=2)
     parser.add_argument("--control-port", type=int, default=8080)
+    parser.add_argument("--serve-port", type=int, default=8000)
     parser.add_argument("--engine", choices=("vllm", "none"), default="vllm")
     args, head_flags = parser.parse_known_args(argv)
     cmd = [sys.executable, "-m", "controller", "--role", "head", "--local-workers", str(args.local_workers),
-           "--control-port", str(args.control_port), "--engine", args.engine, *head_flags]
+           "--control-port", str(args.control_port), "--serve-port", str(args.serve_port), "--engine", args.engine,
+           *head_flags]
     print("quickstart: " + " ".join(cmd[1:]), flush=True)
     t0 = time.monotonic()
     head = subprocess.Popen(cmd)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         status = tk.wait_for(serving, SERVING_TIMEOUT_S, interval=1.0, what="cluster SERVING")
         print(f"\nquickstart: cluster SERVING after {time.monotonic() - t0:.1f}s", flush=True)
         if args.engine == "vllm":
-            answer_one_completion(status, t0)
+            answer_one_completion(args.serve_port, t0)
         print_status(status)
         if args.stay:
             print("\nquickstart: staying up; Ctrl-C drains and stops the cluster", flush=True)

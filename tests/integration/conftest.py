@@ -47,8 +47,9 @@ class Cluster:
                 self.pgids.add(n["ray_pgid"])
         return s
 
-    def start(self, args: list[str], name: str, control_port: int | None = None) -> tk.ControllerProcess:
-        p = tk.start_controller(args, self.tmp / f"{name}.log", control_port=control_port)
+    def start(self, args: list[str], name: str, control_port: int | None = None,
+              env: dict[str, str] | None = None) -> tk.ControllerProcess:
+        p = tk.start_controller(args, self.tmp / f"{name}.log", env=env, control_port=control_port)
         self.started.append(p)
         self.pids.add(p.pid)
         return p
@@ -70,20 +71,23 @@ class Cluster:
 
 def head_args(ray_port: int, control_port: int, state_dir: Path, *extra: str) -> list[str]:
     return ["--role", "head", "--ray-port", str(ray_port), "--control-port", str(control_port),
-            "--log-format", "json", "--state-dir", str(state_dir), "--engine", "none", *extra]
+            "--log-format", "json", "--state-dir", str(state_dir), "--engine", "none",
+            "--serve-port", str(tk.free_port()), *extra]
 
 
-def start_cluster(tmp: Path, local_workers: int = 2, extra: tuple[str, ...] = ()) -> Cluster:
+def start_cluster(tmp: Path, local_workers: int = 2, extra: tuple[str, ...] = (),
+                  env: dict[str, str] | None = None) -> Cluster:
     ray_port, control_port = tk.free_port(), tk.free_port()
     args = head_args(ray_port, control_port, tmp / "state", "--local-workers", str(local_workers), *extra)
     cluster = Cluster(tmp=tmp, ray_port=ray_port, control_port=control_port, head=None, args=args)  # type: ignore[arg-type]
-    cluster.head = cluster.start(args, "head", control_port)
+    cluster.head = cluster.start(args, "head", control_port, env=env)
     return cluster
 
 
-def serving_cluster(tmp: Path, timeout: float, extra: tuple[str, ...] = ()) -> Cluster:
-    """A head + 2 local workers, waited to SERVING; stopped again if it never gets there."""
-    c = start_cluster(tmp, extra=extra)
+def serving_cluster(tmp: Path, timeout: float, extra: tuple[str, ...] = (), local_workers: int = 2,
+                    env: dict[str, str] | None = None) -> Cluster:
+    """A head + local workers, waited to SERVING; stopped again if it never gets there."""
+    c = start_cluster(tmp, local_workers=local_workers, extra=extra, env=env)
     try:
         tk.wait_cluster_state(c.control_port, "SERVING", timeout)
         c.record()

@@ -77,3 +77,12 @@ def test_object_store_sizing():
     assert object_store_bytes(2000 * gb, 1000 * gb) == 200 * gb     # the 200 GB cap
     assert object_store_bytes(30 * gb, 100 * gb, nodes_on_machine=3) == 3 * gb  # shared on one machine
     assert object_store_bytes(100, 100) == 78 * 1024 * 1024         # Ray's minimum
+
+
+def test_api_key_is_masked_wherever_config_is_shown():
+    c = load_config(["--role", "head", "--engine", "none"], {"LLMCTL_API_KEY": "s3cret"})
+    assert c.api_key == "s3cret"
+    assert c.printable()["api_key"] == "***" and "s3cret" not in str(c.printable())
+    assert load_config(["--role", "head", "--engine", "none"], {}).printable()["api_key"] is None
+    with pytest.raises(ConfigError, match="api-key is empty"):
+        load_config(["--role", "head", "--api-key", " "], {})
