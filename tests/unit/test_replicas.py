@@ -45,3 +45,11 @@ def test_choose_nodes_keeps_replicas_then_head_first():
     assert choose_nodes(members, set(), 0) == ["h", "w1", "w2"]
     assert choose_nodes(members, set(), 2) == ["h", "w1"]
     assert choose_nodes(members, {"w2"}, 2) == ["w2", "h"]  # a running replica is not moved
+
+
+def test_engines_of_a_one_machine_cluster_get_their_own_cores():
+    from controller.replicas import one_machine_cpu_binding
+
+    bind = one_machine_cpu_binding(["127.0.0.2", "127.0.0.3", "127.0.0.4"], [0, 1])
+    assert [bind[a]["VLLM_CPU_OMP_THREADS_BIND"] for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")] == ["0", "1", "0"]
+    assert one_machine_cpu_binding(["10.0.0.1"], [0, 1, 2, 3]) == {}  # one node: vLLM binds as it likes
