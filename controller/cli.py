@@ -11,6 +11,8 @@ import asyncio
 import signal
 import sys
 
+import uvloop
+
 from controller.config import Config, ConfigError, load_config
 from controller.control_server import ControlServer
 from controller.head import HeadNode
@@ -115,4 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     prepare_driver_env()
     configure_logging(config.log_format)
     bind_node(config.node_id, config.role)
-    return asyncio.run(run_node(config))
+    # uvloop: the gateway relays every request and every streamed chunk through
+    # this loop; uvloop roughly halves the time each takes.
+    return uvloop.run(run_node(config))
