@@ -178,24 +178,32 @@ async def test_killing_a_replicas_node_under_load_loses_no_request_started_after
 
 async def test_sigterm_under_load_finishes_in_flight_then_503_then_stopped(gw):
     stop = asyncio.Event()
-    load = asyncio.create_task(run_load(gw.url, stop, concurrency=4, max_tokens=48, stream=True))
-    await asyncio.sleep(3)
+    load = asyncio.create_task(run_load(gw.url, stop, concurrency=4, max_tokens=128, stream=True))
+    # Signal while streams are surely in flight (the gateway counts them).
+    await asyncio.to_thread(tk.wait_for, lambda: gw.status()["gateway"]["in_flight"] >= 2, 30, 0.05,
+                            what="streams in flight")
     signalled_at = time.monotonic()
     gw.head.proc.send_signal(signal.SIGTERM)
     await asyncio.sleep(4)
     stop.set()
     results = await load
-    # A request sent within a moment of the signal may reach the gateway before the
-    # process handled the signal: it is served or refused, never failed.
+    # What the gateway had accepted when the drain began must finish; a request the
+    # client sent just before the signal may reach the gateway after it: 503, not lost.
+    # A request sent within a moment after the signal may still beat the handler.
+    events = gw.head.events()
+    accepted = next(e["in_flight"] for e in events if e["event"] == "gateway_draining")
+    assert next(e["unfinished"] for e in events if e["event"] == "gateway_drained") == 0
     handled_by = signalled_at + 0.2
-    in_flight = [r for r in results if r[2] < signalled_at <= r[3]]
+    straddling = [r for r in results if r[2] < signalled_at <= r[3]]
     racing = [r for r in results if signalled_at <= r[2] < handled_by]
     later = [r for r in results if r[2] >= handled_by]
-    print(f"SIGTERM under load: {len(in_flight)} in flight completed with {[r[0] for r in in_flight]}, "
-          f"{len(racing)} sent within 0.2 s answered {sorted({r[0] for r in racing})}, "
-          f"{len(later)} later answered {sorted({r[0] for r in later})} (-1: refused once the process ended)")
-    assert in_flight and all(r[0] == 200 for r in in_flight)
-    assert all(r[0] in (200, 503) for r in racing)
+    print(f"SIGTERM under load: the gateway had {accepted} in flight; the client's {len(straddling)} straddling "
+          f"the signal answered {[r[0] for r in straddling]}, {len(racing)} sent within 0.2 s answered "
+          f"{sorted({r[0] for r in racing})}, {len(later)} later answered {sorted({r[0] for r in later})} "
+          "(-1: refused once the process ended)")
+    assert accepted >= 2
+    assert all(r[0] in (200, 503) for r in straddling + racing)
+    assert sum(1 for r in straddling if r[0] == 200) >= accepted  # every accepted stream ran to [DONE]
     assert later and all(r[0] in (503, -1) for r in later) and any(r[0] == 503 for r in later)
     assert await asyncio.to_thread(gw.head.wait, 180) == 0
     moves = tk.transitions(gw.head.events(), "head-127.0.0.2")
