@@ -54,7 +54,8 @@ async def test_engine_serves_real_completions_and_reports_its_death(tiny_model):
                                        prompt="the head", max_tokens=4, temperature=0)
         assert done.usage.completion_tokens == 4 and done.choices[0].text
         chat = await asyncio.to_thread(client.chat.completions.create, model=SERVED_NAME,
-                                       messages=[{"role": "user", "content": "hello"}], max_tokens=3)
+                                       messages=[{"role": "user", "content": "hello"}], max_tokens=3,
+                                       extra_body={"ignore_eos": True})
         assert chat.usage.completion_tokens == 3
         assert await engine.probe() is None
         assert engine.recent  # the engine output was captured

@@ -47,10 +47,11 @@ def test_openai_client_through_the_gateway(gw):
     assert [m.id for m in c.models.list().data] == ["tiny"]
     out = c.completions.create(model="tiny", prompt="the cluster", max_tokens=4, temperature=0)
     assert out.usage.completion_tokens == 4 and out.choices[0].text
-    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                     extra_body={"ignore_eos": True})
     assert chat.usage.completion_tokens == 3
     chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=5, stream=True))
+                                            max_tokens=5, stream=True, extra_body={"ignore_eos": True}))
     assert len(chunks) >= 5
     log = [e for e in gw.head.events() if e["event"] == "request"]
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions"} <= {e["route"] for e in log}
@@ -151,17 +152,52 @@ async def run_load(url: str, stop: asyncio.Event, concurrency: int, **kwargs) ->
     return results
 
 
+async def long_stream(session: aiohttp.ClientSession, url: str, started: asyncio.Semaphore
+                      ) -> tuple[str | None, str]:
+    """A long streaming completion: (replica id, how it ended: 'done', 'error event' or other).
+    Releases `started` once its first token arrived."""
+    body = {"model": "tiny", "prompt": "long", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    async with session.post(url + "/v1/completions", json=body, headers=AUTH) as resp:
+        replica, last = resp.headers.get("X-Replica-Id"), ""
+        async for line in resp.content:
+            if line.strip():
+                if not last:
+                    started.release()
+                last = line.decode().strip()
+    if last == "data: [DONE]":
+        return replica, "done"
+    if last.startswith("data: ") and "error" in json.loads(last[6:]):
+        return replica, "error event"
+    return replica, f"other: {last[:100]}"
+
+
 async def test_killing_a_replicas_node_under_load_loses_no_request_started_after(gw):
     s = gw.record()
     victim = next(n for n in s["nodes"] if n["role"] == "worker")
+    victim_replica = f"replica-{victim['node_id']}"
     stop = asyncio.Event()
     load = asyncio.create_task(run_load(gw.url, stop, concurrency=4))
-    await asyncio.sleep(5)
-    killed_at = time.monotonic()
-    await asyncio.to_thread(tk.kill_node, victim, s["nodes"])
+    await asyncio.sleep(4)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        started = asyncio.Semaphore(0)
+        streams = [asyncio.create_task(long_stream(session, gw.url, started)) for _ in range(6)]
+        for _ in streams:  # every stream is under way
+            await asyncio.wait_for(started.acquire(), 60)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(tk.kill_node, victim, s["nodes"])
+        ended = await asyncio.gather(*streams)
     await asyncio.sleep(12)
     stop.set()
     results = await load
+    # Streams on the dead replica end with a clear error event, and are counted;
+    # the others run to their end.
+    on_victim = [how for rid, how in ended if rid == victim_replica]
+    elsewhere = [how for rid, how in ended if rid != victim_replica]
+    print(f"streams when the node died: {len(on_victim)} on its replica ended with {on_victim}, "
+          f"{len(elsewhere)} elsewhere with {elsewhere}")
+    assert on_victim and all(how == "error event" for how in on_victim)
+    assert all(how == "done" for how in elsewhere)
+    assert gw.status()["gateway"]["counts"]["streams_broken"] == len(on_victim)
     before = [r for r in results if r[2] < killed_at]
     after = [r for r in results if r[2] >= killed_at]
     in_flight_failed = [r for r in before if r[0] != 200]
@@ -184,7 +220,10 @@ async def test_sigterm_under_load_finishes_in_flight_then_503_then_stopped(gw):
                             what="streams in flight")
     signalled_at = time.monotonic()
     gw.head.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(4)
+    await asyncio.sleep(0.5)
+    ready = await asyncio.to_thread(tk.get_json, f"http://127.0.0.1:{gw.control_port}/ready")
+    assert ready[0] == 503  # the control port says it too
+    await asyncio.sleep(3.5)
     stop.set()
     results = await load
     # What the gateway had accepted when the drain began must finish; a request the

@@ -40,7 +40,7 @@ def test_every_node_runs_a_replica_that_answers_real_completions(engine_cluster)
         out = client.completions.create(model="tiny", prompt="the cluster", max_tokens=4, temperature=0)
         assert out.usage.completion_tokens == 4 and out.choices[0].text
         chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                              max_tokens=2)
+                                              max_tokens=2, extra_body={"ignore_eos": True})
         assert chat.usage.completion_tokens == 2
     # Each engine's output is in the head's structured log, under its replica id.
     output = [e for e in engine_cluster.head.events() if e["event"] == "engine_output"]
@@ -67,7 +67,7 @@ def test_killed_engine_degrades_then_restarts_to_serving(engine_cluster):
     others = [r for r in back["replicas"] if r["replica_id"] != victim["replica_id"]]
     assert all(r["restarts"] == 0 for r in others)
     out = OpenAI(base_url=restarted["url"] + "/v1", api_key="unused", timeout=60).completions.create(
-        model="tiny", prompt="again", max_tokens=2)
+        model="tiny", prompt="again", max_tokens=2, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 2
     assert tk.transitions(engine_cluster.head.events(), "head-127.0.0.2")[-1]["trigger"] == "recovered"
 
@@ -132,5 +132,5 @@ def test_lost_node_takes_its_replica_and_a_new_worker_gets_one(engine_cluster):
     assert fresh["state"] == "READY" and fresh["url"].startswith("http://127.0.0.5:")
     assert len(back["replicas"]) == 3
     out = OpenAI(base_url=fresh["url"] + "/v1", api_key="unused", timeout=60).completions.create(
-        model="tiny", prompt="new node", max_tokens=2)
+        model="tiny", prompt="new node", max_tokens=2, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 2
