@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nquickstart: cluster SERVING after {time.monotonic() - t0:.1f}s", flush=True)
         if args.engine == "vllm":
             answer_one_completion(args.serve_port, t0)
+            status = tk.status(args.control_port)  # now with the request counted
         print_status(status)
         if args.stay:
             print("\nquickstart: staying up; Ctrl-C drains and stops the cluster", flush=True)
