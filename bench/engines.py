@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"kill {k + 1}: engine SIGKILL -> DEGRADED {degraded:.1f}s, SERVING again {serving:.1f}s",
                           flush=True)
             finally:
-                head.terminate()
-                try:
-                    head.wait(180)
-                finally:
-                    tk.stop_everything(pids, pgids)
+                tk.stop_head(head, pids, pgids)
     fc = results["first_completion_s"]
     kills = [k["serving_s"] for k in results["engine_kill"]]
     results["summary"] = {"first_completion_s_median": statistics.median(fc) if fc else None,

@@ -116,11 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"cluster SERVING; replica {replica}, gateway http://127.0.0.1:{sp}", flush=True)
                 result = asyncio.run(measure(f"http://127.0.0.1:{sp}", replica, args))
             finally:
-                head.terminate()
-                try:
-                    head.wait(180)
-                finally:
-                    tk.stop_everything(pids, pgids)
+                tk.stop_head(head, pids, pgids)
     result = {"config": config, "environment": env, **result}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

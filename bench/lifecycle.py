@@ -87,13 +87,9 @@ class Run:
             processes.kill_now(pids)
 
     def stop(self) -> None:
-        self.head.terminate()
-        try:
-            self.head.wait(120)
-        finally:
-            left = tk.stop_everything(self.pids, self.pgids)
-            if left:
-                print(f"warning: processes needed forcing after the run: {sorted(left)}", file=sys.stderr)
+        left = tk.stop_head(self.head, self.pids, self.pgids, timeout=120)
+        if left:
+            print(f"warning: processes needed forcing after the run: {sorted(left)}", file=sys.stderr)
 
 
 def idle_cpu(run: Run, status: dict, seconds: float) -> dict[str, dict[str, float]]:

@@ -71,8 +71,7 @@ class EngineSupervisor:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        left = await self.engine.stop() if self.engine is not None else set()
-        return left
+        return await self.engine.stop() if self.engine is not None else set()
 
     async def _supervise(self) -> None:
         retrying = AsyncRetrying(

@@ -151,6 +151,17 @@ def kill_node(node: dict[str, Any], others: list[dict[str, Any]] = ()) -> set[in
     return pids
 
 
+def stop_head(head: ControllerProcess, pids: set[int], pgids: set[int], timeout: float = 180.0) -> set[int]:
+    """SIGTERM the head and wait for its drain, then stop whatever of the cluster is
+    left, by pid and group, whatever happened; returns survivors."""
+    head.terminate()
+    try:
+        head.wait(timeout)
+    finally:
+        left = stop_everything(pids | {head.pid}, pgids)
+    return left
+
+
 def stop_everything(pids: set[int], pgids: set[int], grace: float = 10.0) -> set[int]:
     """Test cleanup: stop what a test started (by pid and group); returns survivors."""
     return processes.terminate(processes.tree(pids, pgids), grace)
