@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,10 @@ from pathlib import Path
 from bench.loadgen import summary
 
 HEARTBEAT_PERIOD_S = 2.0  # what a worker controller sends (--health-interval)
+
+
+def _ms(seconds: float | None) -> str:
+    return "void (a long-poll timed out first)" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 def rss_bytes(pid: int) -> int:
@@ -79,7 +84,9 @@ async def one_size(members: int, heartbeat_seconds: float, epoch: int) -> dict:
     changed_at = time.perf_counter()
     await handle.set_desired.remote(epoch, "drain")
     await asyncio.wait_for(asyncio.gather(*watchers), 120)
-    fan_out = max(seen.values()) - changed_at
+    # A watcher whose long-poll timed out before the change did not see it through the
+    # long-poll: the fan-out figure is then void.
+    fan_out = max(seen.values()) - changed_at if min(seen.values()) >= changed_at else None
     memory = rss_bytes(pid)
     ray.kill(handle, no_restart=True)
     return {"members": members, "register_s": summary(register), "heartbeat_s": summary(heartbeats),
@@ -93,7 +100,7 @@ async def measure(sizes: list[int], heartbeat_seconds: float) -> list[dict]:
         results.append(r)
         print(f"{n} members: register p50/p99 {r['register_s']['p50'] * 1000:.1f}/{r['register_s']['p99'] * 1000:.1f} ms, "
               f"heartbeat p50/p99 {r['heartbeat_s']['p50'] * 1000:.1f}/{r['heartbeat_s']['p99'] * 1000:.1f} ms "
-              f"({r['heartbeat_s']['n']} calls), fan-out {r['fan_out_s'] * 1000:.0f} ms, "
+              f"({r['heartbeat_s']['n']} calls), fan-out {_ms(r['fan_out_s'])}, "
               f"actor RSS {r['actor_rss_bytes'] / 2**20:.0f} MiB", flush=True)
     return results
 
@@ -107,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     from controller.ray_adapter import NAMESPACE, prepare_driver_env
 
     prepare_driver_env()
+    # A new local ray.init() cluster otherwise turns Ray's token auth on and writes
+    # ~/.ray/auth_token, which then switches every later `ray start` on this machine
+    # to token auth (seen here: the clusters of the next tests could not connect).
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
-    ray.init(namespace=NAMESPACE, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, logging_level="WARNING",
              _node_ip_address="127.0.0.2", num_cpus=2)
     try:
         results = asyncio.run(measure(args.members, args.heartbeat_seconds))
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"| {r['members']} | {r['register_s']['p50'] * 1000:.1f} / {r['register_s']['p99'] * 1000:.1f} ms | "
               f"{r['heartbeat_s']['p50'] * 1000:.1f} / {r['heartbeat_s']['p99'] * 1000:.1f} ms | "
-              f"{r['fan_out_s'] * 1000:.0f} ms | {r['actor_rss_bytes'] / 2**20:.0f} MiB |")
+              f"{_ms(r['fan_out_s'])} | {r['actor_rss_bytes'] / 2**20:.0f} MiB |")
     print(f"\nraw results: {out}")
     return 0
 

@@ -20,6 +20,7 @@ from controller.preflight import member_problem
 
 ACTOR_NAME = "llm-controller-coordinator"
 HISTORY_SIZE = 200
+COORDINATOR_CONCURRENCY = 10_000
 
 
 class StaleEpoch(RuntimeError):
@@ -198,7 +199,10 @@ class Coordinator:
         return await self._write("set_replicas", epoch, replicas)
 
     async def wait_for_change(self, since_version: int, timeout: float) -> dict[str, Any]:
-        """Return the snapshot once the version passes `since_version`, or at `timeout`."""
+        """Return `info()` (epoch, version, desired, cluster state) once the version passes
+        `since_version`, or at `timeout`. Not the whole snapshot: every member watches,
+        and a snapshot per watcher per change grows with the square of the members
+        (5.3 s to reach 1,000 watchers; bench/coordinator.py). `snapshot()` has the rest."""
         async with self._changed:
             try:
                 await asyncio.wait_for(
@@ -206,7 +210,7 @@ class Coordinator:
                 )
             except asyncio.TimeoutError:
                 pass
-        return self._state.snapshot()
+        return self._state.info()
 
 
 class CoordinatorClient:
@@ -236,7 +240,10 @@ class CoordinatorClient:
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
-            max_concurrency=1000,
+            # Every worker holds a long-poll while it heartbeats: at 1,000 concurrent calls
+            # (the old limit) 1,000 members' long-polls held every slot and heartbeats
+            # waited ~60 s (bench/coordinator.py). Calls here are coroutines; slots are cheap.
+            max_concurrency=COORDINATOR_CONCURRENCY,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=head_ray_node_id, soft=False),
         ).remote(epoch)
         info = await asyncio.wait_for(handle.info.remote(), timeout)

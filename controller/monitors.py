@@ -121,6 +121,6 @@ class CoordinatorWatch:
 
     async def watch(self, poll_timeout: float = 10.0) -> None:
         """One long-poll round: returns when something changed or after `poll_timeout`."""
-        snap = await self.coordinator.wait_for_change(self.version, poll_timeout)
-        self.version = snap["version"]
-        self._apply(snap)
+        info = await self.coordinator.wait_for_change(self.version, poll_timeout)
+        self.version = info["version"]
+        self._apply(info)
