@@ -241,15 +241,15 @@ class Gateway:
         return await self._serve(request, None)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        if self.draining:
-            return self._unavailable(request, "the cluster is draining")
+        if self.draining:  # answered before the body is read and parsed
+            return self._unavailable("the cluster is draining")
         body, problem = await self._read_json(request)
         if problem is not None:
             self.counts["bad_request"] += 1
             return problem
         return await self._serve(request, body)
 
-    def _unavailable(self, request: web.Request, why: str) -> web.Response:
+    def _unavailable(self, why: str) -> web.Response:
         self.counts["unavailable"] += 1
         return error_response(503, f"no replica can serve: {why}", "server_error", "unavailable",
                               headers={"Retry-After": RETRY_AFTER_S})
@@ -258,7 +258,7 @@ class Gateway:
 
     async def _serve(self, request: web.Request, body: bytes | None) -> web.StreamResponse:
         if self.draining:
-            return self._unavailable(request, "the cluster is draining")
+            return self._unavailable("the cluster is draining")
         started = time.perf_counter()
         self.in_flight += 1
         streaming: dict[str, web.StreamResponse] = {}  # set once a stream's headers went out
@@ -289,7 +289,7 @@ class Gateway:
             replica = await self._acquire(tried)
             if replica is None:
                 why = "every replica failed this request" if tried else "no replica is ready"
-                return self._unavailable(request, why), None, len(tried), None
+                return self._unavailable(why), None, len(tried), None
             tried.add(replica.replica_id)
             replica.in_flight += 1
             try:
