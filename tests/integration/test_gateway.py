@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from openai import OpenAI
 
+from bench import sweep
 from controller import testkit as tk
 
 from .conftest import serving_cluster
@@ -76,6 +77,24 @@ def test_streaming_passes_tokens_as_they_are_generated(gw):
     # and the arrivals are spread over the generation, not delivered in one burst.
     assert arrivals[-1] - arrivals[0] > 0.1, arrivals[-1] - arrivals[0]
     assert arrivals[len(arrivals) // 2] - arrivals[0] > 0.03
+
+
+def test_the_sweep_benchmark_runs_against_the_gateway(gw, tmp_path):
+    """CI's smoke run of bench/: the open-loop generator, the report and the plots,
+    against the real gateway (short and light: a smoke run, not a measurement)."""
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--gateway-url", gw.url, "--api-key", API_KEY, "--rates", "2", "4", "--duration", "3",
+                       "--max-tokens", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["rate"] for r in result["runs"]] == [2, 4]
+    for run in result["runs"]:
+        report = run["report"]
+        assert report["requests"] == len(run["samples"]) > 0 and report["ok"] == report["requests"], report
+        assert all(s["tokens"] == 4 and s["ttft"] <= s["latency"] for s in run["samples"])
+        assert 0 < report["ttft_s"]["p50"] <= report["latency_s"]["p50"] <= report["latency_s"]["max"]
+    assert API_KEY not in out.read_text()
+    assert "| offered/s |" in out.with_suffix(".md").read_text()
+    assert (tmp_path / "sweep-cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("method,path,headers,body,status,code", [
