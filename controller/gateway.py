@@ -5,7 +5,8 @@ passed to a replica picked by `controller/balancer.py`, body and stream
 untouched: streamed tokens are relayed chunk by chunk as they arrive. A
 replica that refuses or resets the connection before any response byte is
 marked unhealthy at once (and the loop told) and the request is retried on
-another; a stream whose replica dies ends with an error event. In DRAINING new
+another; a stream whose replica dies ends with an error event. Between
+requests, every replica's /health is watched the same way. In DRAINING new
 requests get 503 while the in-flight ones finish.
 
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
@@ -57,7 +58,7 @@ async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
 class Gateway:
     def __init__(self, host: str, port: int, *, api_key: str | None = None, max_body_bytes: int = 4 * 2**20,
                  request_timeout: float = 600.0, max_in_flight: int = 64,
-                 on_unhealthy: Callable[[str], None] | None = None) -> None:
+                 on_unhealthy: Callable[[str], None] | None = None, liveness_interval: float = 0.5) -> None:
         self.host = host
         self.port = port
         self._api_key = api_key.encode() if api_key else None
@@ -65,6 +66,7 @@ class Gateway:
         self.request_timeout = request_timeout
         self.pool = Pool(max_in_flight=max_in_flight)
         self.on_unhealthy = on_unhealthy
+        self.liveness_interval = liveness_interval
         self.draining = False
         self.in_flight = 0
         self.counts: Counter[str] = Counter()
@@ -72,7 +74,7 @@ class Gateway:
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._recheck: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -102,13 +104,13 @@ class Gateway:
         except OSError as exc:
             await self.stop()
             raise OSError(f"serve port {self.host}:{self.port} is not available: {exc.strerror or exc}") from None
-        self._recheck = asyncio.get_running_loop().create_task(self._recheck_marked())
+        self._watch = asyncio.get_running_loop().create_task(self._watch_replicas())
         log.info("gateway_listening", host=self.host, port=self.port, api_key=bool(self._api_key))
 
     async def stop(self) -> None:
-        if self._recheck is not None:
-            self._recheck.cancel()
-            await asyncio.gather(self._recheck, return_exceptions=True)
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -159,22 +161,33 @@ class Gateway:
             if self.on_unhealthy is not None:
                 self.on_unhealthy(f"{replica.replica_id} is unhealthy: {reason}")
 
-    async def _recheck_marked(self, interval: float = 1.0) -> None:
-        """A marked replica comes back once its supervisor says READY and it answers /health."""
+    async def _watch_replicas(self) -> None:
+        """Every replica's /health, twice a second over a kept-alive connection.
+
+        A ready replica that refuses or resets the connection is marked at once,
+        so a dead engine (or a killed node) is seen within one interval even when
+        no request is going to it. A slow answer marks nothing: a busy machine is
+        not a dead one (Ray's node checks and the generation probe see hangs).
+        A marked replica comes back once its supervisor says READY and /health
+        answers 200.
+        """
         while True:
-            await asyncio.sleep(interval)
-            for r in self.pool.marked():
-                if not r.ready:
-                    continue
-                try:
-                    async with self._session.get(r.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                        if resp.status != 200:
-                            continue
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    continue
-                self.pool.clear(r.replica_id)
-                log.info("replica_cleared", replica_id=r.replica_id)
-                self._notify()
+            await asyncio.sleep(self.liveness_interval)
+            await asyncio.gather(*(self._check_replica(r) for r in list(self.pool.replicas.values()) if r.ready))
+
+    async def _check_replica(self, r: Replica) -> None:
+        try:
+            async with self._session.get(r.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                healthy = resp.status == 200
+        except NOTHING_RECEIVED as exc:
+            self._mark(r, f"health check: {type(exc).__name__}: {exc}"[:300])
+            return
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return
+        if healthy and r.unhealthy is not None and self.pool.replicas.get(r.replica_id) is r:
+            self.pool.clear(r.replica_id)
+            log.info("replica_cleared", replica_id=r.replica_id)
+            self._notify()
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()

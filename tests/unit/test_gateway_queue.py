@@ -3,6 +3,8 @@ waits for a slot instead of failing, and with no replica at all it does not wait
 
 import asyncio
 
+from aiohttp import web
+
 from controller.gateway import Gateway
 
 
@@ -28,3 +30,43 @@ async def test_no_ready_replica_means_no_wait():
     assert gw.can_serve()
     gw.start_draining()
     assert not gw.can_serve()
+
+
+async def _health_server(port: int = 0) -> tuple[web.AppRunner, int]:
+    app = web.Application()
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+async def test_an_idle_replica_that_stops_answering_is_marked_within_an_interval_and_cleared_when_back():
+    runner, port = await _health_server()
+    signals: list[str] = []
+    gw = Gateway("127.0.0.1", 0, on_unhealthy=signals.append, liveness_interval=0.05)
+    await gw.start()
+    try:
+        gw.update_replicas([{"replica_id": "r0", "url": f"http://127.0.0.1:{port}", "state": "READY"}])
+        await asyncio.sleep(0.3)
+        assert gw.failure() is None and not signals  # answering: nothing marked
+        await runner.cleanup()  # the engine is gone: its port refuses
+        for _ in range(40):
+            if gw.failure():
+                break
+            await asyncio.sleep(0.05)
+        assert gw.failure() and "health check" in gw.failure() and len(signals) == 1
+        assert not gw.can_serve()
+        runner, _ = await _health_server(port)  # back on the same port
+        for _ in range(40):
+            if gw.failure() is None:
+                break
+            await asyncio.sleep(0.05)
+        assert gw.failure() is None and gw.can_serve()
+    finally:
+        await gw.stop()
+        await runner.cleanup()
