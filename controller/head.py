@@ -36,6 +36,8 @@ from states import Moved, Observation, State
 
 RAY_START_TIMEOUT = 60.0
 STALE_GCS_WAIT_S = 90.0
+# Engine polling while some engine is not READY yet: READY gates SERVING.
+SETTLING_POLL_S = 0.25
 LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
 
 
@@ -115,8 +117,8 @@ class HeadNode(NodeBase):
             if self.local.addresses:
                 self.tasks.ensure("local_workers", self._start_local_workers)
             if self.config.engine == "vllm":
-                self.tasks.ensure("engines", lambda: every(self.config.health_interval,
-                                                           self._reconcile_engines, "engines"))
+                self.tasks.ensure("engines", lambda: every(self._engine_poll_interval, self._reconcile_engines,
+                                                           "engines"))
         elif state is State.DRAINING:
             self.tasks.ensure("drain", self._drain)
 
@@ -247,6 +249,11 @@ class HeadNode(NodeBase):
     def _gateway_signal(self, reason: str) -> None:
         """A replica refused or reset a connection: the loop hears it now, not at the next poll."""
         self.board.set(engine_failure=reason)
+
+    def _engine_poll_interval(self) -> float:
+        """Quick while engines start or restart, so READY is seen within a fraction of a
+        second (it gates SERVING); the health interval once they all serve."""
+        return self.config.health_interval if self.board.get("engines_ready") else SETTLING_POLL_S
 
     async def _reconcile_engines(self) -> None:
         """Bring the engines in line with the cluster and publish their state."""

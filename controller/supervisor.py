@@ -15,6 +15,7 @@ on its node (replicated mode) and by the head for the one sharded engine.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Callable
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
@@ -48,6 +49,7 @@ class EngineSupervisor:
         self.echo = echo
         self.state = "STARTING"
         self.reason: str | None = None
+        self.ready_s: float | None = None
         self.restarts = 0
         self.spec: EngineSpec | None = None
         self.engine: EngineProcess | None = None
@@ -60,7 +62,7 @@ class EngineSupervisor:
     def status(self) -> dict[str, Any]:
         return {"replica_id": self.replica_id, "url": self.spec.url if self.spec else None,
                 "state": self.state, "reason": self.reason, "restarts": self.restarts,
-                "pid": self.engine.pid if self.engine else None}
+                "pid": self.engine.pid if self.engine else None, "ready_s": self.ready_s}
 
     def output_since(self, seq: int) -> list[tuple[int, str]]:
         return self.engine.output_since(seq) if self.engine else []
@@ -110,10 +112,14 @@ class EngineSupervisor:
         try:
             self.state = "STARTING" if self.restarts == 0 else "RESTARTING"
             try:
+                started = time.monotonic()
                 await self.engine.start()
             except EngineFailed as exc:
                 raise EngineUnrecoverable(str(exc)) from None  # the port stays taken
             await self.engine.wait_ready(self.ready_timeout)
+            # How long this engine took from spawn to READY (warm-up included):
+            # the engine's share of a start, as opposed to the controller's.
+            self.ready_s = round(time.monotonic() - started, 3)
             self.state, self.reason = READY, None
             raise EngineFailed(await self._watch())
         except EngineFailed as exc:
