@@ -1,0 +1,28 @@
+"""The committed state diagram (docs/state-diagram.md) is the tables' own: it
+fails when someone edits states/lifecycle.py and forgets `python -m states.diagram`."""
+
+import subprocess
+import sys
+
+from states import diagram
+from states.lifecycle import HEAD_TABLE, Role
+
+
+def test_the_committed_diagram_matches_the_tables():
+    assert diagram.MARKDOWN.read_text() == diagram.markdown(), "run: python -m states.diagram"
+    proc = subprocess.run([sys.executable, "-m", "states.diagram", "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_transition_of_the_tables_is_in_the_diagram():
+    text = diagram.mermaid(Role.HEAD)
+    for t in HEAD_TABLE:
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"{t.source.value} --> {t.dest.value}:"))
+        assert t.trigger.value in line
+
+
+def test_a_stale_diagram_is_caught(tmp_path, monkeypatch):
+    stale = tmp_path / "state-diagram.md"
+    stale.write_text(diagram.markdown().replace("recovered", "healed"))
+    monkeypatch.setattr(diagram, "MARKDOWN", stale)
+    assert diagram.main(["--check"]) == 1
