@@ -13,7 +13,7 @@ import sys
 
 import uvloop
 
-from controller.config import Config, ConfigError, load_config
+from controller.config import Config, ConfigError, load_config_with_sources, render_config
 from controller.control_server import ControlServer
 from controller.head import HeadNode
 from controller.logs import bind_node, configure_logging, log
@@ -108,7 +108,10 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config = load_config(argv)
+        config, sources = load_config_with_sources(argv)
+        if "--print-config" in argv:
+            print(render_config(config, sources), end="")
+            return EXIT_OK
         local_checks(config)
     except ConfigError as exc:
         return fail(str(exc), EXIT_CONFIG)

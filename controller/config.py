@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import socket
 import tomllib
@@ -166,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m controller",
         description="Lifecycle controller: turns machines into one LLM endpoint on Ray.",
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # `--print` must not quietly mean --print-config (or anything else)
     )
     parser.add_argument("--config", help="TOML config file (also LLMCTL_CONFIG)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration (secrets masked) and where each value "
+                             "came from, as TOML, then exit; starts nothing")
     for o in OPTIONS:
         flag = "--" + o.name.replace("_", "-")
         kwargs: dict[str, Any] = {"help": f"{o.help} (default: {o.default})"}
@@ -219,15 +224,50 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
 
 def load_config(argv: list[str], environ: dict[str, str] | None = None) -> Config:
     """Merge the sources and validate. Raises ConfigError with a one-line message."""
+    return load_config_with_sources(argv, environ)[0]
+
+
+def load_config_with_sources(argv: list[str], environ: dict[str, str] | None = None
+                             ) -> tuple[Config, dict[str, str]]:
+    """The config, and for each setting where its value came from."""
     environ = dict(os.environ if environ is None else environ)
     args = vars(build_parser().parse_args(argv))
+    args.pop("print_config", None)
     config_path = args.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
     merged: dict[str, Any] = {o.name: o.default for o in OPTIONS}
-    if config_path:
-        merged.update(_from_file(config_path))
-    merged.update(_from_env(environ))
-    merged.update({k: _parse_value(k, v, "command line") for k, v in args.items()})
-    return _validate(merged)
+    sources = {o.name: "default" for o in OPTIONS}
+    layers = [(_from_file(config_path) if config_path else {}, f"config file {config_path}"),
+              (_from_env(environ), "environment"),
+              ({k: _parse_value(k, v, "command line") for k, v in args.items()}, "command line")]
+    for values, source in layers:
+        merged.update(values)
+        sources.update({k: source if source != "environment" else f"environment {ENV_PREFIX}{k.upper()}"
+                        for k in values})
+    before = dict(merged)
+    config = _validate(merged)
+    for k, v in config.as_dict().items():
+        if before[k] != v:
+            sources[k] = "derived"  # filled in or implied by other settings
+    return config, sources
+
+
+def render_config(config: Config, sources: dict[str, str]) -> str:
+    """The effective config as TOML (usable as a --config file), secrets masked,
+    each line saying where its value came from."""
+    lines = [f"# effective configuration; precedence: command line > environment ({ENV_PREFIX}NAME) > "
+             "config file > defaults"]
+    for name, value in config.printable().items():
+        key = name.replace("_", "-")
+        where = sources.get(name, "default")
+        if value is None:
+            lines.append(f"# {key} = (unset)  # {where}")
+        elif isinstance(value, str):
+            lines.append(f"{key} = {json.dumps(value)}  # {where}")
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {str(value).lower()}  # {where}")
+        else:
+            lines.append(f"{key} = {value!r}  # {where}")
+    return "\n".join(lines) + "\n"
 
 
 def _check_port(name: str, port: int) -> None:

@@ -30,6 +30,7 @@ from controller.logs import log
 POST_ROUTES = ("/v1/completions", "/v1/chat/completions")
 RETRY_AFTER_S = "1"
 REPLICA_KEEPALIVE_S = 4.0
+STREAM_TAIL_BYTES = 4096
 # Failures of a replica connection that happen before any response byte: the
 # request never reached an engine that answered, so it is safe to send elsewhere.
 NOTHING_RECEIVED = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
@@ -351,6 +352,7 @@ class Gateway:
         await response.prepare(request)
         streaming["response"] = response
         chunks = upstream.content.iter_any()
+        tail = b""  # the stream's end, where a usage chunk (stream_options.include_usage) sits
         while True:
             try:
                 chunk = await chunks.__anext__()
@@ -363,6 +365,7 @@ class Gateway:
                 await _write_quietly(response, sse_error(
                     f"{replica.replica_id} failed mid-stream: {type(exc).__name__}", "replica_failed"))
                 return response, None
+            tail = (tail + chunk)[-STREAM_TAIL_BYTES:]
             try:
                 await response.write(chunk)
             except ConnectionResetError:
@@ -370,7 +373,15 @@ class Gateway:
                 self.counts["clients_gone"] += 1
                 return response, None
         await response.write_eof()
-        return response, None
+        return response, _stream_tokens(tail)
+
+
+def _stream_tokens(tail: bytes) -> int | None:
+    """completion_tokens from a stream's usage event, when the client asked for one."""
+    for line in reversed(tail.split(b"\n")):
+        if line.startswith(b"data: {") and b'"completion_tokens"' in line:
+            return _completion_tokens(line[6:])
+    return None
 
 
 def _completion_tokens(data: bytes) -> int | None:

@@ -63,6 +63,8 @@ def test_openai_client_through_the_gateway(gw):
     log = [e for e in gw.head.events() if e["event"] == "request"]
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions"} <= {e["route"] for e in log}
     assert any(e["completion_tokens"] == 4 and e["status"] == 200 and e["replica_id"] for e in log)
+    # A stream's tokens are counted from its usage event.
+    assert any(e["completion_tokens"] == 5 and e["route"] == "/v1/chat/completions" for e in log)
 
 
 def test_streaming_passes_tokens_as_they_are_generated(gw):

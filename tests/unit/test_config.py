@@ -2,7 +2,7 @@
 
 import pytest
 
-from controller.config import ConfigError, load_config
+from controller.config import ConfigError, load_config, load_config_with_sources, render_config
 from controller.ray_adapter import object_store_bytes
 
 
@@ -86,3 +86,29 @@ def test_api_key_is_masked_wherever_config_is_shown():
     assert load_config(["--role", "head", "--engine", "none"], {}).printable()["api_key"] is None
     with pytest.raises(ConfigError, match="api-key is empty"):
         load_config(["--role", "head", "--api-key", " "], {})
+
+
+def test_print_config_says_where_each_value_came_from_and_masks_secrets(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('control-port = 9100\nwait-timeout = 12.5\n')
+    env = {"LLMCTL_WAIT_TIMEOUT": "30", "LLMCTL_API_KEY": "do-not-show-me"}
+    config, sources = load_config_with_sources(["--role", "head", "--config", str(cfg), "--serve-port", "9000"], env)
+    assert (config.control_port, config.wait_timeout, config.serve_port) == (9100, 30.0, 9000)
+    assert sources["control_port"] == f"config file {cfg}"
+    assert sources["wait_timeout"] == "environment LLMCTL_WAIT_TIMEOUT"
+    assert sources["serve_port"] == "command line" and sources["ray_port"] == "default"
+    assert sources["node_id"] == "derived"
+    text = render_config(config, sources)
+    assert "do-not-show-me" not in text and 'api-key = "***"  # environment LLMCTL_API_KEY' in text
+    assert "wait-timeout = 30.0  # environment LLMCTL_WAIT_TIMEOUT" in text
+    # The output is a config file: read back, it gives the same settings (the masked secret aside).
+    back = tmp_path / "back.toml"
+    back.write_text(text.replace('api-key = "***"', "# api-key"))
+    again = load_config(["--config", str(back)], {})
+    assert {k: v for k, v in again.as_dict().items() if k != "api_key"} == \
+        {k: v for k, v in config.as_dict().items() if k != "api_key"}
+
+
+def test_flags_are_never_abbreviated():
+    with pytest.raises(ConfigError, match="unrecognized arguments: --print"):
+        load_config(["--role", "head", "--print"], {})
