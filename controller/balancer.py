@@ -22,6 +22,7 @@ class Replica:
     url: str
     ready: bool = False       # the supervisor's word
     unhealthy: str | None = None  # the gateway's own signal: why, while marked
+    last_ok: float | None = None  # time.monotonic() of its last good answer (request or /health)
     in_flight: int = 0
     served: int = 0
     failed: int = 0

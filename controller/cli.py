@@ -73,7 +73,7 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
     if isinstance(node, HeadNode):
         server = ControlServer(config.control_host, config.control_port,
                                state=lambda: node_loop.state, ready=node.ready, status=node.status,
-                               request_drain=request_drain)
+                               request_drain=request_drain, metrics=node.metrics_text)
         try:
             await server.start()
             if gateway is not None:

@@ -1,4 +1,5 @@
-"""The head's control HTTP server: /healthz, /ready, /status and POST /drain.
+"""The head's control HTTP server: /healthz, /ready, /status, /metrics
+(Prometheus text format) and POST /drain.
 
 `/ready` is 200 only while requests can be served (see HeadNode.ready).
 
@@ -12,6 +13,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from controller.logs import log
+from controller.metrics import CONTENT_TYPE
 from states import State
 
 class ControlServer:
@@ -23,6 +25,7 @@ class ControlServer:
         ready: Callable[[], bool],
         status: Callable[[], Awaitable[dict[str, Any]]],
         request_drain: Callable[[str], None],
+        metrics: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -30,6 +33,7 @@ class ControlServer:
         self._ready = ready
         self._status = status
         self._request_drain = request_drain
+        self._metrics = metrics
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -38,6 +42,8 @@ class ControlServer:
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/status", self.status)
         app.router.add_post("/drain", self.drain)
+        if self._metrics is not None:
+            app.router.add_get("/metrics", self.metrics)
         return app
 
     async def start(self) -> None:
@@ -68,6 +74,10 @@ class ControlServer:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(await self._status())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await self._metrics()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def drain(self, request: web.Request) -> web.Response:
         self._request_drain("drain requested over the control API")

@@ -58,6 +58,9 @@ class CoordinatorState:
         self.members: dict[str, dict[str, Any]] = {}
         self.replicas: list[dict[str, Any]] = []
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_SIZE)
+        # Every transition ever reported, counted by "role|from|to|trigger" (for
+        # /metrics; the history above keeps only the latest).
+        self.transition_counts: dict[str, int] = {}
 
     def _fence(self, epoch: int | None) -> None:
         if epoch != self.epoch:
@@ -96,6 +99,9 @@ class CoordinatorState:
                 member["last_transition"] = transition
         if transition is not None:
             self.history.append({"at": now, "node_id": node_id, **transition})
+            role = member["role"] if member is not None else "unknown"
+            key = "|".join((role, transition["from"], transition["to"], transition["trigger"]))
+            self.transition_counts[key] = self.transition_counts.get(key, 0) + 1
         self._bump()
         return self.info()
 
@@ -152,6 +158,7 @@ class CoordinatorState:
             "members": [dict(m) for m in self.members.values()],
             "replicas": [dict(r) for r in self.replicas],
             "transitions": list(self.history),
+            "transition_counts": dict(self.transition_counts),
         }
 
 

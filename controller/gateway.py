@@ -26,6 +26,7 @@ from aiohttp import web
 
 from controller.balancer import Pool, Replica
 from controller.logs import log
+from controller.metrics import Metrics
 
 POST_ROUTES = ("/v1/completions", "/v1/chat/completions")
 RETRY_AFTER_S = "1"
@@ -59,7 +60,8 @@ async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
 class Gateway:
     def __init__(self, host: str, port: int, *, api_key: str | None = None, max_body_bytes: int = 4 * 2**20,
                  request_timeout: float = 600.0, max_in_flight: int = 64,
-                 on_unhealthy: Callable[[str], None] | None = None, liveness_interval: float = 0.5) -> None:
+                 on_unhealthy: Callable[[str, float], None] | None = None, liveness_interval: float = 0.5,
+                 metrics: Metrics | None = None) -> None:
         self.host = host
         self.port = port
         self._api_key = api_key.encode() if api_key else None
@@ -68,6 +70,7 @@ class Gateway:
         self.pool = Pool(max_in_flight=max_in_flight)
         self.on_unhealthy = on_unhealthy
         self.liveness_interval = liveness_interval
+        self.metrics = metrics
         self.draining = False
         self.in_flight = 0
         self.counts: Counter[str] = Counter()
@@ -160,7 +163,9 @@ class Gateway:
             self.counts["replicas_marked_unhealthy"] += 1
             log.warning("replica_marked_unhealthy", replica_id=replica.replica_id, reason=reason)
             if self.on_unhealthy is not None:
-                self.on_unhealthy(f"{replica.replica_id} is unhealthy: {reason}")
+                # The failure began after the replica's last good answer.
+                since = replica.last_ok if replica.last_ok is not None else time.monotonic()
+                self.on_unhealthy(f"{replica.replica_id} is unhealthy: {reason}", since)
 
     async def _watch_replicas(self) -> None:
         """Every replica's /health, twice a second over a kept-alive connection.
@@ -185,6 +190,8 @@ class Gateway:
             return
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return
+        if healthy:
+            r.last_ok = time.monotonic()
         if healthy and r.unhealthy is not None and self.pool.replicas.get(r.replica_id) is r:
             self.pool.clear(r.replica_id)
             log.info("replica_cleared", replica_id=r.replica_id)
@@ -275,7 +282,7 @@ class Gateway:
             return self._unavailable("the cluster is draining")
         started = time.perf_counter()
         self.in_flight += 1
-        streaming: dict[str, web.StreamResponse] = {}  # set once a stream's headers went out
+        streaming: dict[str, Any] = {}  # set once a stream's headers went out
         try:
             async with asyncio.timeout(self.request_timeout):
                 response, replica, attempts, tokens = await self._forward(request, body, streaming)
@@ -292,11 +299,16 @@ class Gateway:
             self.in_flight -= 1
             self._notify()
         self.counts[f"status_{response.status}"] += 1
+        elapsed = time.perf_counter() - started
+        if self.metrics is not None:
+            first = streaming.get("first_chunk_at")
+            self.metrics.observe_request(request.path, response.status, elapsed,
+                                         None if first is None else first - started)
         log.info("request", route=request.path, replica_id=replica, status=response.status, attempts=attempts,
-                 latency_ms=round((time.perf_counter() - started) * 1000, 2), completion_tokens=tokens)
+                 latency_ms=round(elapsed * 1000, 2), completion_tokens=tokens)
         return response
 
-    async def _forward(self, request: web.Request, body: bytes | None, streaming: dict[str, web.StreamResponse]
+    async def _forward(self, request: web.Request, body: bytes | None, streaming: dict[str, Any]
                        ) -> tuple[web.StreamResponse, str | None, int, int | None]:
         tried: set[str] = set()
         while True:
@@ -325,6 +337,7 @@ class Gateway:
                 upstream.release()
                 replica.in_flight -= 1
             replica.served += 1
+            replica.last_ok = time.monotonic()
             return response, replica.replica_id, len(tried), tokens
 
     async def _acquire(self, tried: set[str]) -> Replica | None:
@@ -337,7 +350,7 @@ class Gateway:
             await self._changed.wait()
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, replica: Replica,
-                     streaming: dict[str, web.StreamResponse]) -> tuple[web.StreamResponse, int | None]:
+                     streaming: dict[str, Any]) -> tuple[web.StreamResponse, int | None]:
         headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
                    "X-Replica-Id": replica.replica_id}
         if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
@@ -368,6 +381,7 @@ class Gateway:
             tail = (tail + chunk)[-STREAM_TAIL_BYTES:]
             try:
                 await response.write(chunk)
+                streaming.setdefault("first_chunk_at", time.perf_counter())
             except ConnectionResetError:
                 # The client left; release() closes the replica's stream. Not the replica's fault.
                 self.counts["clients_gone"] += 1

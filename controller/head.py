@@ -4,6 +4,7 @@ coordinator, start local workers, watch the cluster, and shut down in order."""
 from __future__ import annotations
 
 import asyncio
+import time
 import os
 from collections import deque
 from pathlib import Path
@@ -19,6 +20,7 @@ from controller.monitors import GONE_STATES, ClusterMonitor, GcsCliMonitor
 from controller.node import NodeBase
 from controller.engine import EngineSpec, free_port
 from controller.gateway import Gateway
+from controller.metrics import Metrics
 from controller.replicas import ReplicaSet, one_machine_cpu_binding
 from controller.sharded import REPLICA_ID as SHARDED_ID
 from controller.sharded import ShardedEngine, sharded_spec
@@ -79,10 +81,12 @@ class HeadNode(NodeBase):
         self.replicas: ReplicaSet | None = None
         self.sharded: ShardedEngine | None = None
         self.gateway: Gateway | None = None
+        self.metrics = Metrics()
         if config.engine == "vllm":
             self.gateway = Gateway(config.serve_host, config.serve_port, api_key=config.api_key,
                                    max_body_bytes=config.max_body_bytes, request_timeout=config.request_timeout,
-                                   max_in_flight=config.max_in_flight, on_unhealthy=self._gateway_signal)
+                                   max_in_flight=config.max_in_flight, on_unhealthy=self._gateway_signal,
+                                   metrics=self.metrics)
             supervision = {"ready_timeout": config.engine_timeout, "probe_interval": config.probe_interval,
                            "max_restarts": config.engine_restarts}
             if config.mode == "sharded":
@@ -104,6 +108,20 @@ class HeadNode(NodeBase):
         super().on_moved(moved, record)
         self.since = iso_now()
         self.history.append({"at": self.since, "node_id": self.config.node_id, **record})
+        self.metrics.transition("head", record)
+        if moved.dest is State.DEGRADED and moved.source is State.SERVING:
+            first = self.board.first_fault()
+            if first is not None:
+                self.metrics.detection.observe(max(0.0, time.monotonic() - first))
+        elif moved.dest is State.SERVING:
+            if moved.source is State.DEGRADED:
+                self.metrics.recovery.observe(record["in_state_s"])
+            self.board.clear_faults()
+
+    async def metrics_text(self) -> bytes:
+        """/metrics: the cluster's state as of now, and the events counted so far."""
+        self.metrics.refresh(await self.status(), own_role="head")
+        return self.metrics.render()
 
     async def ensure(self, state: State, obs: Observation) -> None:
         if self._shutdown_done:
@@ -246,8 +264,9 @@ class HeadNode(NodeBase):
             return self.state is State.SERVING
         return self.state in (State.SERVING, State.DEGRADED) and self.gateway.can_serve()
 
-    def _gateway_signal(self, reason: str) -> None:
+    def _gateway_signal(self, reason: str, since: float) -> None:
         """A replica refused or reset a connection: the loop hears it now, not at the next poll."""
+        self.board.note_fault("gateway", since)
         self.board.set(engine_failure=reason)
 
     def _engine_poll_interval(self) -> float:
@@ -270,6 +289,12 @@ class HeadNode(NodeBase):
         self.gateway.update_replicas(statuses)
         # The supervisors' word and the gateway's own signals, cross-checked: either
         # one seeing a replica fail keeps the cluster DEGRADED.
+        if failure:
+            self.board.note_fault("engines", time.monotonic())
+        else:
+            self.board.clear_fault("engines")
+        if not self.gateway.failure():
+            self.board.clear_fault("gateway")
         self.board.set(engine_failure=failure or self.gateway.failure())
         if given_up and self.state is State.WAITING_FOR_WORKERS:
             # Before the cluster ever served, an engine that cannot start is a
@@ -419,7 +444,7 @@ class HeadNode(NodeBase):
                     continue
                 nodes.append({k: m.get(k) for k in
                               ("node_id", "role", "state", "address", "since", "pid", "alive",
-                               "ray_node_id", "ray_pgid", "epoch", "last_seen")})
+                               "ray_node_id", "ray_pgid", "epoch", "last_seen", "join_attempt")})
         return {
             "cluster": {
                 "state": self.state.value,
@@ -435,4 +460,5 @@ class HeadNode(NodeBase):
             "replicas": self._replicas_with_load(snap["replicas"] if snap else []),
             "gateway": self._gateway_status(),
             "transitions": snap["transitions"] if snap else list(self.history),
+            "transition_counts": snap.get("transition_counts", {}) if snap else {},
         }

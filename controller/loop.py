@@ -23,6 +23,7 @@ class Board:
         self._values: dict[str, Any] = {}
         self._failures: dict[str, tuple[int, str | None]] = {}
         self._failing_since: dict[str, float] = {}
+        self._faults: dict[str, float] = {}
         self.wake = asyncio.Event()
 
     def set(self, **values: Any) -> None:
@@ -47,12 +48,28 @@ class Board:
         if error is None:
             self._failures[source] = (0, None)
             self._failing_since.pop(source, None)
+            self.clear_fault(source)
         else:
             count = self._failures.get(source, (0, None))[0] + 1
             self._failures[source] = (count, error)
             self._failing_since.setdefault(source, time.monotonic())
+            self.note_fault(source, self._failing_since[source])
         count, worst = max(self._failures.values(), key=lambda item: item[0])
         self.set(health_failures=count, last_health_error=worst)
+
+    def note_fault(self, source: str, since: float) -> None:
+        """A failure's first sign (time.monotonic()), kept while the source is failing:
+        how long detection took is measured from the earliest one."""
+        self._faults[source] = min(since, self._faults.get(source, since))
+
+    def clear_fault(self, source: str) -> None:
+        self._faults.pop(source, None)
+
+    def first_fault(self) -> float | None:
+        return min(self._faults.values(), default=None)
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
 
     def failing_since(self, source: str) -> float | None:
         """time.monotonic() of the first of the current run of failures of `source`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 from typing import Any
 
 from controller.coordinator import CoordinatorClient, StaleEpoch
@@ -21,6 +22,18 @@ def _error_text(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _monotonic_of(iso: str | None) -> float:
+    """time.monotonic() for a wall-clock ISO timestamp (now, when there is none)."""
+    now = time.monotonic()
+    if not iso:
+        return now
+    try:
+        wall = datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return now
+    return now - max(0.0, time.time() - wall)
 
 
 def _state_or_none(value: Any) -> State | None:
@@ -50,15 +63,20 @@ class ClusterMonitor:
         self.board.health("gcs", None)
         alive = [n for n in nodes if n.get("Alive")]  # dead nodes stay listed
         self.alive_ids = {n["NodeID"] for n in alive}
-        self.board.set(alive_nodes=len(alive))
         try:
             snap = await self.coordinator.snapshot()
         except Exception as exc:
+            self.board.set(alive_nodes=len(alive))
             self.board.health("coordinator", f"coordinator: {_error_text(exc)}")
             return
+        lost_members = [m for m in snap["members"] if m["alive"] and m.get("ray_node_id") not in self.alive_ids]
+        for m in lost_members:
+            # Noted before the count changes, so the transition it causes can tell how
+            # long detection took: from the lost node's last heartbeat.
+            self.board.note_fault("node_lost", _monotonic_of(m.get("last_seen")))
+        self.board.set(alive_nodes=len(alive))
         self.board.health("coordinator", None)
-        lost = [m["node_id"] for m in snap["members"]
-                if m["alive"] and m.get("ray_node_id") not in self.alive_ids]
+        lost = [m["node_id"] for m in lost_members]
         if lost:
             log.warning("members_lost", node_ids=lost)
             await self.coordinator.mark_lost(lost)

@@ -106,6 +106,16 @@ def status(control_port: int, host: str = "127.0.0.1") -> dict[str, Any]:
     return get_json(f"http://{host}:{control_port}/status")[1]
 
 
+def metrics(control_port: int, host: str = "127.0.0.1") -> dict[tuple[str, frozenset], float]:
+    """/metrics parsed: {(sample name, frozenset of label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{host}:{control_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.5,
              what: str = "condition") -> Any:
     """Poll `predicate` until it returns a truthy value; raise TimeoutError after `timeout`."""

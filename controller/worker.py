@@ -35,6 +35,8 @@ class JoinRefused(RuntimeError):
 
 
 class WorkerNode(NodeBase):
+    _join_attempt = 1  # of the join under way: the head counts the retries
+
     # -- Effects protocol --------------------------------------------------------------
 
     def on_moved(self, moved: Moved, record: dict[str, Any]) -> None:
@@ -98,7 +100,7 @@ class WorkerNode(NodeBase):
         try:
             async for attempt in retrying:
                 with attempt:
-                    number = attempt.retry_state.attempt_number
+                    number = self._join_attempt = attempt.retry_state.attempt_number
                     log.info("join_attempt", attempt=number, attempts=cfg.join_attempts,
                              head_address=cfg.head_address)
                     try:
@@ -131,7 +133,8 @@ class WorkerNode(NodeBase):
         self.ray_node_id = self.ray.ray_node_id()
         coordinator = await self._find_coordinator()
         try:
-            await coordinator.register(self.member_info("worker", cfg.node_ip_address))
+            await coordinator.register({**self.member_info("worker", cfg.node_ip_address),
+                                        "join_attempt": self._join_attempt})
         except Refused as exc:
             # Ray raises a subclass whose text is the actor's traceback; the reason is its cause.
             reason = getattr(exc, "cause", None) or exc

@@ -112,6 +112,17 @@ def test_killed_worker_node_degrades_and_a_new_worker_recovers(cluster):
     head_moves = tk.transitions(cluster.head.events(), "head-127.0.0.2")
     assert head_moves[-1]["trigger"] == "node_lost" and "2/3 nodes alive" in head_moves[-1]["reason"]
     print(f"worker SIGKILL -> DEGRADED on /status: {detect_s:.1f}s")
+    # /metrics tells the same story: the transition, how long detection took
+    # (from the lost node's last heartbeat), the node counts and the lost node's state.
+    m = tk.metrics(cluster.control_port)
+    assert m[("llmctl_transitions_total", frozenset({"role": "head", "from": "SERVING", "to": "DEGRADED",
+                                                     "trigger": "node_lost"}.items()))] == 1
+    assert m[("llmctl_detection_seconds_count", frozenset())] == 1
+    assert 0 < m[("llmctl_detection_seconds_sum", frozenset())] < detect_s + 5
+    assert (m[("llmctl_nodes_alive", frozenset())], m[("llmctl_nodes_expected", frozenset())]) == (2, 3)
+    lost_state = {"node_id": victim["node_id"], "role": "worker"}
+    assert m[("llmctl_node_state", frozenset({**lost_state, "state": "LOST"}.items()))] == 1
+    assert m[("llmctl_node_state", frozenset({**lost_state, "state": "SERVING"}.items()))] == 0
 
     newcomer = cluster.start(["--role", "worker", "--head-address", cluster.head_address,
                               "--node-ip-address", "127.0.0.5", "--log-format", "json",
@@ -122,6 +133,14 @@ def test_killed_worker_node_degrades_and_a_new_worker_recovers(cluster):
     assert serving == ["127.0.0.2", "127.0.0.4", "127.0.0.5"]
     assert tk.transitions(cluster.head.events(), "head-127.0.0.2")[-1]["trigger"] == "recovered"
     assert newcomer.proc.poll() is None
+    m = tk.metrics(cluster.control_port)
+    assert m[("llmctl_recovery_seconds_count", frozenset())] == 1
+    assert m[("llmctl_transitions_total", frozenset({"role": "head", "from": "DEGRADED", "to": "SERVING",
+                                                     "trigger": "recovered"}.items()))] == 1
+    # Workers' transitions, as the coordinator counted them: three workers joined in all.
+    assert m[("llmctl_transitions_total", frozenset({"role": "worker", "from": "JOINING",
+                                                     "to": "WAITING_FOR_WORKERS", "trigger": "joined"}.items()))] == 3
+    assert m[("llmctl_nodes_alive", frozenset())] == 3
 
 
 def test_sigterm_to_head_stops_every_node_and_leaves_nothing(cluster):

@@ -48,7 +48,8 @@ async def _health_server(port: int = 0) -> tuple[web.AppRunner, int]:
 async def test_an_idle_replica_that_stops_answering_is_marked_within_an_interval_and_cleared_when_back():
     runner, port = await _health_server()
     signals: list[str] = []
-    gw = Gateway("127.0.0.1", 0, on_unhealthy=signals.append, liveness_interval=0.05)
+    gw = Gateway("127.0.0.1", 0, on_unhealthy=lambda reason, since: signals.append(reason),
+                 liveness_interval=0.05)
     await gw.start()
     try:
         gw.update_replicas([{"replica_id": "r0", "url": f"http://127.0.0.1:{port}", "state": "READY"}])
