@@ -75,8 +75,9 @@ class BenchCluster:
 
     def start_worker(self, ip: str) -> tk.ControllerProcess:
         """A new worker machine joining the cluster (its own loopback address)."""
+        token = self.tmp / f"{self.name}-state" / "ray-auth-token"  # the head's, made at its start
         w = tk.start_controller(["--role", "worker", "--head-address", self.head_address, "--node-ip-address", ip,
-                                 "--log-format", "json", "--join-delay", "2"],
+                                 "--log-format", "json", "--join-delay", "2", "--ray-token-file", str(token)],
                                 self.tmp / f"worker-{ip}.log", env=self.env)
         self.workers.append(w)
         self.pids.add(w.pid)

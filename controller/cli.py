@@ -1,4 +1,5 @@
-"""The command line: `python -m controller --role head|worker [flags]`.
+"""The command line: `python -m controller --role head|worker [flags]`, and
+`python -m controller status` (controller/status_command.py).
 
 Exit codes: 0 after a clean drain and stop; 1 after a fatal error (the reason
 is the last log line and the last line on stderr); 2 for bad configuration or a
@@ -13,6 +14,7 @@ import sys
 
 import uvloop
 
+from controller import ray_token
 from controller.config import Config, ConfigError, load_config_with_sources, render_config
 from controller.control_server import ControlServer
 from controller.head import HeadNode
@@ -107,19 +109,26 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        from controller import status_command  # rich is only needed here
+
+        return status_command.main(argv[1:])
     try:
         config, sources = load_config_with_sources(argv)
         if "--print-config" in argv:
             print(render_config(config, sources), end="")
             return EXIT_OK
         local_checks(config)
+        auth = ray_token.resolve(config)
     except ConfigError as exc:
         return fail(str(exc), EXIT_CONFIG)
     except PreflightError as exc:
         return fail(f"pre-flight: {exc}", EXIT_CONFIG)
     prepare_driver_env()
+    ray_token.apply(auth)
     configure_logging(config.log_format)
     bind_node(config.node_id, config.role)
+    log.info("ray_auth", mode=auth.mode, token_from=auth.source)
     # uvloop: the gateway relays every request and every streamed chunk through
     # this loop; uvloop roughly halves the time each takes.
     return uvloop.run(run_node(config))

@@ -88,7 +88,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("health_cli_interval", float, 60.0, "seconds between `ray health-check` runs"),
     Option("failure_threshold", int, 3, "consecutive failed health checks before DEGRADED"),
     Option("tick_interval", float, 1.0, "seconds between reconcile ticks"),
-    Option("state_dir", str, None, "where the head keeps its cluster epoch"),
+    Option("state_dir", str, None, "where the head keeps its cluster epoch and its Ray token"),
+    Option("ray_auth", str, "token", "Ray token authentication ('none': off on every node)", ("token", "none")),
+    Option("ray_token_file", str, None, "file holding the cluster's Ray token (workers: required unless "
+           "LLMCTL_RAY_TOKEN; the head makes STATE_DIR/ray-auth-token when given none)"),
+    Option("ray_token", str, None, "the cluster's Ray token; best set through LLMCTL_RAY_TOKEN", secret=True),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -134,6 +138,9 @@ class Config:
     failure_threshold: int
     tick_interval: float
     state_dir: str
+    ray_auth: str
+    ray_token_file: str | None
+    ray_token: str | None
 
     @property
     def expected_nodes(self) -> int:

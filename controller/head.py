@@ -40,6 +40,7 @@ RAY_START_TIMEOUT = 60.0
 STALE_GCS_WAIT_S = 90.0
 # Engine polling while some engine is not READY yet: READY gates SERVING.
 SETTLING_POLL_S = 0.25
+PROGRESS_POLL_S, PROGRESS_EVERY_S = 1.0, 10.0
 LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
 
 
@@ -109,6 +110,7 @@ class HeadNode(NodeBase):
         self.since = iso_now()
         self.history.append({"at": self.since, "node_id": self.config.node_id, **record})
         self.metrics.transition("head", record)
+        self.tasks.forget("progress")  # a wait ended or began: its progress starts afresh
         if moved.dest is State.DEGRADED and moved.source is State.SERVING:
             first = self.board.first_fault()
             if first is not None:
@@ -117,6 +119,38 @@ class HeadNode(NodeBase):
             if moved.source is State.DEGRADED:
                 self.metrics.recovery.observe(record["in_state_s"])
             self.board.clear_faults()
+
+    def progress(self) -> dict[str, Any]:
+        """How far the cluster is from serving in full: nodes joined, engines ready."""
+        expected = self.config.expected_nodes
+        if self.replicas is not None:
+            engines = self.replicas.wanted(expected)
+            ready = sum(1 for s in self.replicas.last.values() if s["state"] == "READY")
+        elif self.sharded is not None:
+            engines, ready = 1, int(self.sharded.ready())
+        else:
+            engines = ready = 0
+        return {"nodes_alive": self.board.get("alive_nodes") or 0, "nodes_expected": expected,
+                "engines_ready": ready, "engines_expected": engines}
+
+    async def _report_progress(self) -> None:
+        """A `progress` event while waiting for nodes and engines (bring-up, or a
+        recovery): on each change and every PROGRESS_EVERY_S, one line on a terminal."""
+        loop = asyncio.get_running_loop()
+        waiting_in = self.state
+        started, last, last_at = loop.time(), None, 0.0
+        timeout = self.config.wait_timeout if waiting_in is State.WAITING_FOR_WORKERS else self.config.degraded_timeout
+        while self.state is waiting_in:
+            now, p = loop.time(), self.progress()
+            if p != last or now - last_at >= PROGRESS_EVERY_S:
+                elapsed = round(now - started, 1)
+                line = (f"nodes {p['nodes_alive']}/{p['nodes_expected']} alive, engines "
+                        f"{p['engines_ready']}/{p['engines_expected']} ready, {elapsed:.0f}s"
+                        + (f" of {timeout:g}s" if timeout else ""))
+                log.info("progress", state=waiting_in.value, line=line, elapsed_s=elapsed,
+                         timeout_s=timeout or None, **p)
+                last, last_at = p, now
+            await asyncio.sleep(PROGRESS_POLL_S)
 
     async def metrics_text(self) -> bytes:
         """/metrics: the cluster's state as of now, and the events counted so far."""
@@ -127,6 +161,8 @@ class HeadNode(NodeBase):
         if self._shutdown_done:
             return  # nothing may start again once the node began to stop
         self.tasks.ensure("reporter", self._report_loop)
+        if state in (State.WAITING_FOR_WORKERS, State.DEGRADED):
+            self.tasks.ensure("progress", self._report_progress)
         if state is State.JOINING:
             self.tasks.ensure("bring_up", self._bring_up)
         elif state in LIVE_STATES and self.coordinator is not None:
@@ -368,7 +404,8 @@ class HeadNode(NodeBase):
             # New requests get 503 from here on; the ones in flight finish first.
             self.gateway.start_draining()
             await self.gateway.wait_idle(max(0.0, deadline - loop.time()))
-        await self.tasks.cancel("cluster_monitor", "gcs_cli_monitor", "local_workers", "bring_up", "engines")
+        await self.tasks.cancel("cluster_monitor", "gcs_cli_monitor", "local_workers", "bring_up", "engines",
+                                "progress")
         left: set[int] = set()
         if self.sharded is not None:
             left |= await self.sharded.stop()

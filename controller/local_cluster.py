@@ -47,6 +47,17 @@ def local_worker_argv(config: Config, address: str, object_store_bytes: int) -> 
     ]
 
 
+def ray_auth_args(env: dict[str, str]) -> list[str]:
+    """The head's Ray token, handed to a local worker the way it reached the head
+    (a file by its path; a token from the environment through the environment)."""
+    if env.get("RAY_AUTH_MODE") != "token":
+        return ["--ray-auth", "none"]
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        return ["--ray-token-file", env["RAY_AUTH_TOKEN_PATH"]]
+    env[ENV_PREFIX + "RAY_TOKEN"] = env["RAY_AUTH_TOKEN"]
+    return []
+
+
 class LocalWorkers:
     def __init__(self, config: Config, object_store_bytes: int) -> None:
         self.config = config
@@ -75,7 +86,7 @@ class LocalWorkers:
             log.info("local_worker_adopted", address=address, pid=member["pid"])
             return False
         env = {k: v for k, v in child_env().items() if not k.startswith(ENV_PREFIX)}
-        argv = local_worker_argv(self.config, address, self.object_store_bytes)
+        argv = local_worker_argv(self.config, address, self.object_store_bytes) + ray_auth_args(env)
         proc = subprocess.Popen(argv, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
         self.children[address] = proc
         log.info("local_worker_started", address=address, pid=proc.pid)

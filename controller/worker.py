@@ -14,6 +14,7 @@ from tenacity import (
     wait_fixed,
 )
 
+from controller import ray_token
 from controller.coordinator import CoordinatorClient, Refused, iso_now
 from controller.logs import log
 from controller.monitors import CoordinatorWatch, GcsCliMonitor
@@ -126,10 +127,18 @@ class WorkerNode(NodeBase):
         unreachable = await asyncio.to_thread(tcp_answers, cfg.head_host, cfg.head_port)
         if unreachable:  # `ray start` would hang for minutes on a head that is not there
             raise JoinError(f"head not reachable: {unreachable}")
-        await self.ray.start(["--address", cfg.head_address] + (
-            ["--object-store-memory", str(cfg.object_store_memory)] if cfg.object_store_memory else []
-        ), timeout=cfg.join_attempt_timeout)
-        await self.ray.connect(cfg.head_address, timeout=30.0)
+        try:
+            await self.ray.start(["--address", cfg.head_address] + (
+                ["--object-store-memory", str(cfg.object_store_memory)] if cfg.object_store_memory else []
+            ), timeout=cfg.join_attempt_timeout)
+            await self.ray.connect(cfg.head_address, timeout=30.0)
+        except RayError as exc:
+            if ray_token.is_refusal(str(exc)):
+                # Another attempt would present the same token: say so now.
+                raise JoinRefused("the head's Ray refused this node's token (InvalidAuthToken): give the worker "
+                                  "the cluster's token (--ray-token-file PATH or LLMCTL_RAY_TOKEN; the head keeps "
+                                  "it in its state dir, ray-auth-token)") from None
+            raise
         self.ray_node_id = self.ray.ray_node_id()
         coordinator = await self._find_coordinator()
         try:

@@ -34,6 +34,15 @@ class Cluster:
     def head_address(self) -> str:
         return f"{HEAD_IP}:{self.ray_port}"
 
+    @property
+    def token_file(self) -> Path:
+        """The Ray token the head made in its state dir (unless a test gave it one)."""
+        return self.tmp / "state" / "ray-auth-token"
+
+    def worker_args(self, ip: str, *extra: str, token_file: Path | None = None) -> list[str]:
+        return ["--role", "worker", "--head-address", self.head_address, "--node-ip-address", ip,
+                "--log-format", "json", "--ray-token-file", str(token_file or self.token_file), *extra]
+
     def status(self) -> dict:
         return tk.status(self.control_port)
 

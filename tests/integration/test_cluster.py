@@ -73,6 +73,24 @@ def test_second_head_on_the_same_port_is_refused(cluster):
     assert [n["pid"] for n in after["nodes"]] == [n["pid"] for n in before["nodes"]]
 
 
+def test_the_status_command_shows_the_live_cluster(cluster):
+    address = f"127.0.0.1:{cluster.control_port}"
+    table = subprocess.run([sys.executable, "-m", "controller", "status", "--control-address", address],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith(f"cluster SERVING  epoch {cluster.status()['cluster']['epoch']}  ")
+    assert "nodes 3/3 alive" in table.stdout
+    for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        row = next(line for line in table.stdout.splitlines() if f"-{ip} " in line and "SERVING" in line)
+        assert ip in row
+    assert "cluster_ready" in table.stdout  # the head's transition to SERVING, in the last transitions
+    raw = subprocess.run([sys.executable, "-m", "controller", "status", "--control-address", address, "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert raw.returncode == 0
+    shown = json.loads(raw.stdout)
+    assert shown["cluster"]["state"] == "SERVING" and len(shown["nodes"]) == 3
+
+
 def test_restarted_head_controller_reattaches_with_the_same_epoch(cluster):
     before = cluster.record()
     old_head = cluster.head
@@ -124,9 +142,7 @@ def test_killed_worker_node_degrades_and_a_new_worker_recovers(cluster):
     assert m[("llmctl_node_state", frozenset({**lost_state, "state": "LOST"}.items()))] == 1
     assert m[("llmctl_node_state", frozenset({**lost_state, "state": "SERVING"}.items()))] == 0
 
-    newcomer = cluster.start(["--role", "worker", "--head-address", cluster.head_address,
-                              "--node-ip-address", "127.0.0.5", "--log-format", "json",
-                              "--join-delay", "2"], "worker-127.0.0.5")
+    newcomer = cluster.start(cluster.worker_args("127.0.0.5", "--join-delay", "2"), "worker-127.0.0.5")
     s = tk.wait_cluster_state(cluster.control_port, "SERVING", SERVING_TIMEOUT)
     cluster.record()
     serving = sorted(n["address"] for n in s["nodes"] if n["state"] == "SERVING")

@@ -16,8 +16,7 @@ def test_worker_rejoins_a_new_head_under_a_new_epoch(tmp_path):
                      "--expected-workers", "1")
     try:
         c.head = c.start(args, "head-1", c.control_port)
-        worker = c.start(["--role", "worker", "--head-address", c.head_address, "--node-ip-address", "127.0.0.3",
-                          "--log-format", "json", "--join-delay", "2", "--join-attempts", "10"], "worker")
+        worker = c.start(c.worker_args("127.0.0.3", "--join-delay", "2", "--join-attempts", "10"), "worker")
         first = tk.wait_cluster_state(c.control_port, "SERVING", SERVING_TIMEOUT)
         c.record()
         head_node = next(n for n in first["nodes"] if n["role"] == "head")

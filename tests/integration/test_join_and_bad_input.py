@@ -25,13 +25,16 @@ def new_cluster(tmp_path) -> Cluster:
 
 def test_worker_started_before_its_head_retries_and_joins(tmp_path):
     c = new_cluster(tmp_path)
+    # The head is not there to make a token: both are given one, as a Secret would give it.
+    token = tmp_path / "ray-token"
+    token.write_text("a-shared-test-token-7f3c\n")
     try:
-        worker = c.start(["--role", "worker", "--head-address", c.head_address, "--node-ip-address", "127.0.0.3",
-                          "--log-format", "json", "--join-attempts", "10", "--join-delay", "3"], "worker")
+        worker = c.start(c.worker_args("127.0.0.3", "--join-attempts", "10", "--join-delay", "3", token_file=token),
+                         "worker")
         tk.wait_for(lambda: len([e for e in worker.events() if e["event"] == "join_attempt_failed"]) >= 2,
                     60, what="two failed join attempts")
         c.head = c.start(head_args(c.ray_port, c.control_port, tmp_path / "state", "--node-ip-address", HEAD_IP,
-                                   "--expected-workers", "1"), "head", c.control_port)
+                                   "--expected-workers", "1", "--ray-token-file", str(token)), "head", c.control_port)
         s = tk.wait_cluster_state(c.control_port, "SERVING", SERVING_TIMEOUT)
         c.record()
         assert sorted((n["role"], n["state"]) for n in s["nodes"]) == [("head", "SERVING"), ("worker", "SERVING")]
@@ -43,8 +46,8 @@ def test_worker_started_before_its_head_retries_and_joins(tmp_path):
         assert [e for e in events if e["event"] == "registered"]
 
         # A second node claiming the same IP is refused by the coordinator: once, clearly, cleanly.
-        imposter = c.start(["--role", "worker", "--head-address", c.head_address, "--node-ip-address", "127.0.0.3",
-                            "--node-id", "imposter", "--log-format", "json", "--join-delay", "1"], "imposter")
+        imposter = c.start(c.worker_args("127.0.0.3", "--node-id", "imposter", "--join-delay", "1", token_file=token),
+                           "imposter")
         assert imposter.wait(90) == 1
         assert last_line(imposter) == (
             "controller: error: the coordinator refused this node: node imposter reports address 127.0.0.3, "
@@ -55,6 +58,25 @@ def test_worker_started_before_its_head_retries_and_joins(tmp_path):
         c.pgids |= groups
         assert not processes.tree({imposter.pid}, groups)
         assert c.status()["cluster"]["state"] == "SERVING"
+
+        # Ray's token authentication: a worker with a wrong token is refused by Ray, once;
+        # one with no token at all does not start.
+        wrong = tmp_path / "wrong-token"
+        wrong.write_text("not-the-cluster-token\n")
+        intruder = c.start(c.worker_args("127.0.0.4", "--join-delay", "1", token_file=wrong), "intruder")
+        assert intruder.wait(120) == 1
+        assert "refused this node's token" in last_line(intruder), last_line(intruder)
+        assert len([e for e in intruder.events() if e["event"] == "join_attempt"]) == 1  # not retried
+        c.pgids |= ray_groups_from_log(intruder)
+        assert not processes.tree({intruder.pid}, ray_groups_from_log(intruder))
+        tokenless = c.start(["--role", "worker", "--head-address", c.head_address, "--node-ip-address", "127.0.0.4",
+                             "--log-format", "json"], "tokenless")
+        assert tokenless.wait(60) == 2
+        assert last_line(tokenless).startswith("controller: error: a worker needs the cluster's Ray token")
+        assert not ray_groups_from_log(tokenless)
+        s = c.status()
+        assert s["cluster"]["state"] == "SERVING" and len(s["nodes"]) == 2
+        assert "a-shared-test-token" not in "".join(p.log_path.read_text() for p in c.started)
         stop_cluster(c, worker)
     finally:
         c.cleanup()
@@ -65,7 +87,7 @@ def test_unreachable_head_fails_after_bounded_retries(tmp_path):
     try:
         t0 = time.monotonic()
         worker = c.start(["--role", "worker", "--head-address", f"127.0.0.9:{tk.free_port()}",
-                          "--node-ip-address", "127.0.0.3", "--log-format", "json",
+                          "--node-ip-address", "127.0.0.3", "--log-format", "json", "--ray-auth", "none",
                           "--join-attempts", "3", "--join-delay", "1"], "worker")
         assert worker.wait(60) == 1
         took = time.monotonic() - t0

@@ -124,8 +124,7 @@ def test_lost_node_takes_its_replica_and_a_new_worker_gets_one(engine_cluster):
     assert degraded["cluster"]["state"] == "DEGRADED"
     assert {r["state"] for r in degraded["replicas"]} == {"READY"}  # the others keep serving
 
-    c.start(["--role", "worker", "--head-address", c.head_address, "--node-ip-address", "127.0.0.5",
-             "--log-format", "json", "--join-delay", "2"], "worker-127.0.0.5")
+    c.start(c.worker_args("127.0.0.5", "--join-delay", "2"), "worker-127.0.0.5")
     back = tk.wait_cluster_state(c.control_port, "SERVING", ENGINES_TIMEOUT)
     c.record()
     fresh = next(r for r in back["replicas"] if r["node_id"] == "worker-127.0.0.5")
