@@ -10,7 +10,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from controller import processes
+from controller import processes, ray_token
 from controller.config import Config
 from controller.coordinator import ACTOR_NAME, CoordinatorClient, iso_now
 from controller.local_cluster import LocalWorkers
@@ -246,6 +246,10 @@ class HeadNode(NodeBase):
         """The Ray port is taken: our own Ray head left by a previous controller, or not ours."""
         cfg = self.config
         error = await self.ray.cli_health_check(self.gcs_address, timeout=10.0)
+        if error and ray_token.is_refusal(error):
+            raise FatalError(f"a Ray head already runs at {self.gcs_address} and refuses this controller's Ray "
+                             "token: another cluster's head, or this one's started with another token "
+                             "(--ray-token-file, LLMCTL_RAY_TOKEN, or STATE_DIR/ray-auth-token)")
         if error:
             raise FatalError(f"Ray port {cfg.ray_port} on {self.address or '0.0.0.0'} is in use "
                              f"by something that is not a Ray head ({error})")

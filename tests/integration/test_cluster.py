@@ -18,15 +18,17 @@ from controller import testkit as tk
 from .conftest import HEAD_IP, SERVING_TIMEOUT
 
 
-def ray_view(address: str) -> list[tuple[str, bool]]:
-    """What `ray.nodes()` reports, asked from a separate driver process."""
+def ray_view(address: str, token_file) -> list[tuple[str, bool]]:
+    """What `ray.nodes()` reports, asked from a separate driver process (with the cluster's token)."""
     code = (
         "import json, ray\n"
         f"ray.init(address={address!r}, _node_ip_address={HEAD_IP!r}, logging_level='ERROR')\n"
         "print(json.dumps(sorted((n['NodeManagerAddress'], n['Alive']) for n in ray.nodes())))\n"
         "ray.shutdown()\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env=env)
     return [tuple(x) for x in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
@@ -41,7 +43,7 @@ def test_head_and_two_workers_serve_with_one_epoch(cluster):
     assert epochs == {s["cluster"]["epoch"]}, epochs
     assert all(processes.is_running(n["pid"]) for n in nodes)
     # Ray itself sees three live nodes, each on its own loopback address.
-    assert ray_view(cluster.head_address) == [("127.0.0.2", True), ("127.0.0.3", True), ("127.0.0.4", True)]
+    assert ray_view(cluster.head_address, cluster.token_file) == [("127.0.0.2", True), ("127.0.0.3", True), ("127.0.0.4", True)]
     # The control endpoints agree.
     assert tk.get_json(f"http://127.0.0.1:{cluster.control_port}/ready")[0] == 200
     assert tk.get_json(f"http://127.0.0.1:{cluster.control_port}/healthz") == (200, {"alive": True, "state": "SERVING"})
@@ -56,17 +58,24 @@ def test_head_and_two_workers_serve_with_one_epoch(cluster):
 def test_second_head_on_the_same_port_is_refused(cluster):
     before = cluster.status()
     control = tk.free_port()
-    second = cluster.start(
-        ["--role", "head", "--ray-port", str(cluster.ray_port), "--control-port", str(control),
-         "--node-ip-address", HEAD_IP, "--log-format", "json", "--state-dir", str(cluster.tmp / "state2"), "--engine", "none"],
-        "second-head")
+    args = ["--role", "head", "--ray-port", str(cluster.ray_port), "--control-port", str(control),
+            "--node-ip-address", HEAD_IP, "--log-format", "json", "--state-dir", str(cluster.tmp / "state2"),
+            "--engine", "none"]
+    # With a token of its own (its own state dir), the running Ray head refuses it.
+    stranger = cluster.start(args, "stranger-head")
+    assert stranger.wait(90) == 1
+    last = stranger.log_path.read_text().strip().splitlines()[-1]
+    assert last.startswith(f"controller: error: a Ray head already runs at {cluster.head_address} and refuses "
+                           "this controller's Ray token"), last
+    # With the cluster's token, it finds the head controller that runs it.
+    second = cluster.start(args + ["--ray-token-file", str(cluster.token_file)], "second-head")
     t0 = time.monotonic()
     assert second.wait(90) == 1
     took = time.monotonic() - t0
     last = second.log_path.read_text().strip().splitlines()[-1]
     assert last.startswith("controller: error: another head controller")
     assert f"pid {cluster.head.pid}" in last
-    assert "Traceback" not in second.log_path.read_text()
+    assert "Traceback" not in second.log_path.read_text() + stranger.log_path.read_text()
     assert took < 60
     after = cluster.status()  # the first cluster is untouched
     assert after["cluster"]["state"] == "SERVING"
