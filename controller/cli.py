@@ -1,5 +1,6 @@
-"""The command line: `python -m controller --role head|worker [flags]`, and
-`python -m controller status` (controller/status_command.py).
+"""The command line: `python -m controller --role head|worker [flags]`, and the
+operator's commands `python -m controller status` (controller/status_command.py)
+and `python -m controller drain` (controller/drain_command.py).
 
 Exit codes: 0 after a clean drain and stop; 1 after a fatal error (the reason
 is the last log line and the last line on stderr); 2 for bad configuration or a
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         from controller import status_command  # rich is only needed here
 
         return status_command.main(argv[1:])
+    if argv[:1] == ["drain"]:
+        from controller import drain_command
+
+        return drain_command.main(argv[1:])
     try:
         config, sources = load_config_with_sources(argv)
         if "--print-config" in argv:

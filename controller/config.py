@@ -47,7 +47,8 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("role", str, None, "this node's role", ("head", "worker")),
+    Option("role", str, None, "this node's role ('auto': from the Slurm job: node 0 is the head)",
+           ("head", "worker", "auto")),
     Option("head_address", str, None, "HOST:PORT of the head's Ray GCS (workers)"),
     Option("ray_port", int, 6379, "Ray GCS port on the head"),
     Option("node_ip_address", str, None, "this node's IP as Ray sees it"),
@@ -250,12 +251,27 @@ def load_config_with_sources(argv: list[str], environ: dict[str, str] | None = N
         merged.update(values)
         sources.update({k: source if source != "environment" else f"environment {ENV_PREFIX}{k.upper()}"
                         for k in values})
+    if merged["role"] == "auto":
+        _apply_slurm(merged, sources, environ)
     before = dict(merged)
     config = _validate(merged)
     for k, v in config.as_dict().items():
-        if before[k] != v:
+        if before[k] != v and not sources[k].startswith("Slurm"):
             sources[k] = "derived"  # filled in or implied by other settings
     return config, sources
+
+
+def _apply_slurm(merged: dict[str, Any], sources: dict[str, str], environ: dict[str, str]) -> None:
+    """--role auto: the role, the head's address and the worker count from the Slurm job;
+    settings given explicitly are kept."""
+    from controller.slurm import derive  # imports this module
+
+    slurm = derive(environ, merged["ray_port"])
+    merged["role"], sources["role"] = slurm.role, "Slurm (SLURM_NODEID)"
+    if slurm.role == "worker" and not merged["head_address"]:
+        merged["head_address"], sources["head_address"] = slurm.head_address, "Slurm (SLURM_JOB_NODELIST)"
+    if slurm.role == "head" and merged["expected_workers"] is None:
+        merged["expected_workers"], sources["expected_workers"] = slurm.expected_workers, "Slurm (SLURM_JOB_NODELIST)"
 
 
 def render_config(config: Config, sources: dict[str, str]) -> str:
@@ -294,7 +310,7 @@ def parse_host_port(text: str, what: str) -> tuple[str, int]:
 def _validate(v: dict[str, Any]) -> Config:
     role = v["role"]
     if role is None:
-        raise ConfigError("--role is required (head or worker)")
+        raise ConfigError("--role is required (head, worker, or auto under Slurm)")
     if role == "worker":
         if not v["head_address"]:
             raise ConfigError("a worker needs --head-address HOST:PORT")

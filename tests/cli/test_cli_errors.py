@@ -7,11 +7,11 @@ import sys
 import pytest
 
 CASES = [
-    (["--role", "king"], "argument --role: invalid choice: 'king' (choose from 'head', 'worker')"),
+    (["--role", "king"], "argument --role: invalid choice: 'king' (choose from 'head', 'worker', 'auto')"),
     (["--role", "worker"], "a worker needs --head-address HOST:PORT"),
     (["--role", "worker", "--head-address", "10.0.0.1"], "head-address must be HOST:PORT, got '10.0.0.1'"),
     (["--role", "head", "--control-port", "70000"], "control-port must be a port from 1 to 65535, got 70000"),
-    ([], "--role is required (head or worker)"),
+    ([], "--role is required (head, worker, or auto under Slurm)"),
 ]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import time
 
 from controller import processes, testkit as tk
@@ -77,6 +79,16 @@ def test_worker_started_before_its_head_retries_and_joins(tmp_path):
         s = c.status()
         assert s["cluster"]["state"] == "SERVING" and len(s["nodes"]) == 2
         assert "a-shared-test-token" not in "".join(p.log_path.read_text() for p in c.started)
+
+        # The operator's drain (a Kubernetes preStop hook): the whole cluster stops, cleanly.
+        drain = subprocess.run([sys.executable, "-m", "controller", "drain", "--control-address",
+                                f"127.0.0.1:{c.control_port}", "--timeout", "120"], capture_output=True, text=True,
+                               timeout=180)
+        assert drain.returncode == 0, drain.stderr
+        assert drain.stdout.strip().splitlines()[-1] == "controller drain: the head has stopped"
+        assert c.head.wait(10) == 0
+        head_drain = [t for t in tk.transitions(c.head.events()) if t["to"] == "DRAINING"]
+        assert head_drain[0]["reason"] == "drain requested over the control API"
         stop_cluster(c, worker)
     finally:
         c.cleanup()
