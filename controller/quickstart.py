@@ -1,7 +1,7 @@
 """The one-machine quickstart: a head and local worker nodes, one vLLM engine
 replica per node serving the tiny model (made on the spot), an OpenAI-compatible
-completion answered through the gateway, `/status` printed, then a clean drain and stop (or
-`--stay` to keep it up).
+completion answered through the gateway, the status table and the metrics
+printed, then a clean drain and stop (or `--stay` to keep it up).
 
     python -m controller.quickstart [--stay] [--local-workers N] [--engine none] [head flags...]
 """
@@ -9,27 +9,32 @@ completion answered through the gateway, `/status` printed, then a clean drain a
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 from controller import testkit as tk
 
 SERVING_TIMEOUT_S = 600
 
 
-def print_status(status: dict) -> None:
-    c = status["cluster"]
-    print(f"\ncluster {c['state']}  epoch {c['epoch']}  nodes {c['alive_nodes']}/{c['expected_nodes']}"
-          f"  mode {c['mode']}  engine {c['engine']}")
-    for n in status["nodes"]:
-        print(f"  {n['role']:<7} {n['node_id']:<20} {n['state']:<20} {n['address']:<12} pid {n['pid']}")
-    for r in status["replicas"]:
-        print(f"  replica {r['replica_id']:<28} {r['state']:<10} {r['url']}  requests {r.get('requests', 0)}")
-    print("\n/status:")
-    print(json.dumps(status, indent=2))
+def print_status(status: dict, control_port: int) -> None:
+    """The status table (as `python -m controller status` shows it) and the metrics."""
+    from rich.console import Console
+
+    from controller import status_command
+
+    address = f"127.0.0.1:{control_port}"
+    print(f"\n$ python -m controller status --control-address {address}")
+    Console(width=None if sys.stdout.isatty() else 160).print(status_command.render(status, address))
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        metrics = resp.read().decode()
+    shown = [line for line in metrics.splitlines()
+             if line.startswith("llmctl_") and "_bucket{" not in line and not line.endswith(" 0.0")]
+    print(f"\n$ curl -s http://{address}/metrics | grep ^llmctl_   (non-zero samples, no buckets)")
+    print("\n".join(shown))
     sys.stdout.flush()
 
 
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.engine == "vllm":
             answer_one_completion(args.serve_port, t0)
             status = tk.status(args.control_port)  # now with the request counted
-        print_status(status)
+        print_status(status, args.control_port)
         if args.stay:
             print("\nquickstart: staying up; Ctrl-C drains and stops the cluster", flush=True)
             return head.wait()

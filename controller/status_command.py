@@ -143,7 +143,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"controller status: error: {exc}", file=sys.stderr)
         return 2
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # piped: wide enough for the tables
     try:
         if args.json:
             while True:
