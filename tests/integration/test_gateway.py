@@ -5,12 +5,15 @@ killed under load, and SIGTERM under load. The last test stops the cluster."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import signal
 import time
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from openai import OpenAI
 
 from bench import sweep
@@ -126,6 +129,118 @@ def test_bad_input_gets_a_4xx_with_an_openai_error_and_no_replica_is_bothered(gw
     assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
     assert requests_served(gw) == before
     assert API_KEY not in gw.head.log_path.read_text()  # the key is never logged
+
+
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False),
+                         st.text(max_size=30))
+JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=3) |
+                           st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+# Request bodies a hostile or broken client sends: noise, broken JSON, invalid UTF-8, JSON of
+# the wrong shape, and completions with wrong or extreme parameters (kept cheap for the engine).
+BODIES = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=100).map(lambda t: t.encode()),
+    st.just(b'{"prompt": "\xff\xfe\xc3\x28"}'),
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from(["tiny", "other", "", 7]),
+        "prompt": st.one_of(st.text(max_size=40), st.lists(st.integers(-5, 3000), max_size=5), st.integers()),
+        "messages": st.one_of(st.just([{"role": "user", "content": "hi"}]), JSON_VALUES),
+        "max_tokens": st.sampled_from([-1, 0, 1, 2, "two", 10**9, None]),
+        "stream": st.sampled_from([True, False, "yes", None]),
+        "temperature": st.sampled_from([0, -1, 1e9, "hot"]),
+        "n": st.sampled_from([1, 0, -3]),
+    }).map(lambda d: json.dumps(d).encode()),
+)
+
+
+def raw_request(port: int, method: str, path: str, headers: dict[str, str], body: bytes | None,
+                timeout: float = 60) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
+       path=st.one_of(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
+                                       "/v1/../status", "/v1/completions?x=%ff", "//v1//models", "/%00"]),
+                      st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=20)
+                      .map(lambda t: "/" + t)),
+       auth=st.sampled_from([AUTH, {}, {"Authorization": "Bearer "}, {"Authorization": API_KEY},
+                             {"Authorization": "Bearer " + API_KEY + "x"}]),
+       content_type=st.sampled_from(["application/json", "text/plain", "application/json; charset=latin-1",
+                                     "multipart/form-data", None]),
+       body=st.one_of(st.none(), BODIES))
+def test_hostile_http_gets_4xx_and_the_gateway_stays_up(gw, method, path, auth, content_type, body):
+    port = int(gw.url.rsplit(":", 1)[1])
+    headers = {**auth, **({"Content-Type": content_type} if content_type else {})}
+    status = raw_request(port, method, path, headers, body)
+    # 2xx when a well-formed request reached an engine; 4xx for every fault of the client;
+    # never a 5xx: the gateway did not break and no replica failed because of it.
+    assert status < 500, (method, path, headers, body, status)
+    assert raw_request(port, "GET", "/health", {}, None, timeout=10) == 200
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD"]),
+       path=st.one_of(st.sampled_from(["/status", "/ready", "/healthz", "/metrics", "/drain", "/status?x=1",
+                                       "/../status", "/%ff"]),
+                      st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=20)
+                      .map(lambda t: "/" + t)),
+       body=st.one_of(st.none(), BODIES))
+def test_hostile_http_on_the_control_port_gets_4xx_and_it_stays_up(gw, method, path, body):
+    assume(not (method == "POST" and path.split("?")[0] == "/drain"))  # that one is a real drain
+    status = raw_request(gw.control_port, method, path, {"Content-Type": "application/json"}, body)
+    assert status < 500, (method, path, body, status)
+    assert raw_request(gw.control_port, "GET", "/healthz", {}, None, timeout=10) == 200
+
+
+async def test_a_slow_client_does_not_hold_up_the_others(gw):
+    """A client that trickles its body a byte at a time (slowloris) while others are served."""
+    port = int(gw.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = json.dumps({"model": "tiny", "prompt": "slow", "max_tokens": 2}).encode()
+    writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+    await writer.drain()
+
+    async def trickle():
+        for byte in body[:20]:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+
+    trickling = asyncio.create_task(trickle())
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        t0 = time.monotonic()
+        results = [await post_completion(session, gw.url) for _ in range(10)]
+        took = time.monotonic() - t0
+    assert [r[0] for r in results] == [200] * 10
+    assert not trickling.done(), "the slow client should still be trickling"
+    assert took < 3.5, took  # ten small completions, not held behind the slow one (it trickles 4 s)
+    trickling.cancel()
+    writer.close()
+
+
+async def test_a_client_that_leaves_mid_stream_frees_its_replica(gw):
+    before = gw.status()["gateway"]["counts"].get("clients_gone", 0)
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "tiny", "prompt": "leave", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        async with session.post(gw.url + "/v1/completions", json=body, headers=AUTH) as resp:
+            async for line in resp.content:
+                if line.strip():
+                    break  # the first token: then hang up
+    tk.wait_for(lambda: all(r["in_flight"] == 0 for r in gw.status()["replicas"]), 30,
+                what="the stream's replica released")
+    assert gw.status()["gateway"]["counts"].get("clients_gone", 0) == before + 1
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        assert (await post_completion(session, gw.url))[0] == 200
 
 
 def test_health_needs_no_key(gw):
