@@ -23,6 +23,7 @@ class Replica:
     ready: bool = False       # the supervisor's word
     unhealthy: str | None = None  # the gateway's own signal: why, while marked
     last_ok: float | None = None  # time.monotonic() of its last good answer (request or /health)
+    retiring: bool = False    # its node drains: no new requests, the ones in flight finish
     in_flight: int = 0
     served: int = 0
     failed: int = 0
@@ -52,7 +53,7 @@ class Pool:
             del self.replicas[rid]
 
     def available(self) -> list[Replica]:
-        return [r for r in self.replicas.values() if r.ready and r.unhealthy is None]
+        return [r for r in self.replicas.values() if r.ready and r.unhealthy is None and not r.retiring]
 
     def pick(self, exclude: set[str] = frozenset()) -> Replica | None:
         """The least loaded available replica under its limit, or None."""
@@ -78,6 +79,15 @@ class Pool:
         r = self.replicas.get(replica_id)
         if r is not None:
             r.unhealthy = None
+
+    def retire(self, replica_id: str) -> int | None:
+        """No new requests for this replica; returns its requests still in flight
+        (None when the pool does not have it)."""
+        r = self.replicas.get(replica_id)
+        if r is None:
+            return None
+        r.retiring = True
+        return r.in_flight
 
     def marked(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.unhealthy is not None]

@@ -61,6 +61,9 @@ class CoordinatorState:
         # Every transition ever reported, counted by "role|from|to|trigger" (for
         # /metrics; the history above keeps only the latest).
         self.transition_counts: dict[str, int] = {}
+        # Draining workers the head has let go: their replica is stopped (or they
+        # had none), so stopping their Ray loses no request.
+        self.released: set[str] = set()
 
     def _fence(self, epoch: int | None) -> None:
         if epoch != self.epoch:
@@ -71,7 +74,7 @@ class CoordinatorState:
 
     def info(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "version": self.version, "desired": self.desired,
-                "cluster_state": self.cluster.get("state")}
+                "cluster_state": self.cluster.get("state"), "released": sorted(self.released)}
 
     def register(self, member: dict[str, Any], epoch: int | None) -> dict[str, Any]:
         self._fence(epoch)
@@ -79,6 +82,7 @@ class CoordinatorState:
         if problem:
             raise Refused(problem)
         now = iso_now()
+        self.released.discard(member["node_id"])  # a node that comes back is a member again
         self.members[member["node_id"]] = {
             "state": "JOINING", "since": now, **member,
             "epoch": epoch, "alive": True, "last_seen": now, "last_transition": None,
@@ -131,6 +135,15 @@ class CoordinatorState:
                 member.update(alive=False, state=gone, since=iso_now())
                 changed = True
         if changed:
+            self._bump()
+        return self.info()
+
+    def release(self, epoch: int | None, node_ids: list[str]) -> dict[str, Any]:
+        """The head lets draining workers go (their replicas are stopped)."""
+        self._fence(epoch)
+        new = set(node_ids) - self.released
+        if new:
+            self.released |= new
             self._bump()
         return self.info()
 
@@ -198,6 +211,9 @@ class Coordinator:
 
     async def mark_lost(self, epoch: int | None, node_ids: list[str]) -> dict[str, Any]:
         return await self._write("mark_lost", epoch, node_ids)
+
+    async def release(self, epoch: int | None, node_ids: list[str]) -> dict[str, Any]:
+        return await self._write("release", epoch, node_ids)
 
     async def set_desired(self, epoch: int | None, desired: str) -> dict[str, Any]:
         return await self._write("set_desired", epoch, desired)
@@ -297,6 +313,9 @@ class CoordinatorClient:
 
     async def mark_lost(self, node_ids: list[str]) -> dict[str, Any]:
         return await self._call("mark_lost", self.epoch, node_ids)
+
+    async def release(self, node_ids: list[str]) -> dict[str, Any]:
+        return await self._call("release", self.epoch, node_ids)
 
     async def set_desired(self, desired: str) -> dict[str, Any]:
         return await self._call("set_desired", self.epoch, desired)

@@ -145,6 +145,10 @@ class Gateway:
         self.pool.update(statuses)
         self._notify()
 
+    def retire(self, replica_id: str) -> int | None:
+        """Its node drains: no new requests; returns those still in flight (None: unknown here)."""
+        return self.pool.retire(replica_id)
+
     def can_serve(self) -> bool:
         return not self.draining and bool(self.pool.available())
 
@@ -179,7 +183,8 @@ class Gateway:
         """
         while True:
             await asyncio.sleep(self.liveness_interval)
-            await asyncio.gather(*(self._check_replica(r) for r in list(self.pool.replicas.values()) if r.ready))
+            await asyncio.gather(*(self._check_replica(r) for r in list(self.pool.replicas.values())
+                                   if r.ready and not r.retiring))
 
     async def _check_replica(self, r: Replica) -> None:
         try:

@@ -83,6 +83,7 @@ class HeadNode(NodeBase):
         self.sharded: ShardedEngine | None = None
         self.gateway: Gateway | None = None
         self.metrics = Metrics()
+        self._retiring_since: dict[str, float] = {}  # draining worker -> when its replica began to retire
         if config.engine == "vllm":
             self.gateway = Gateway(config.serve_host, config.serve_port, api_key=config.api_key,
                                    max_body_bytes=config.max_body_bytes, request_timeout=config.request_timeout,
@@ -310,9 +311,10 @@ class HeadNode(NodeBase):
         self.board.set(engine_failure=reason)
 
     def _engine_poll_interval(self) -> float:
-        """Quick while engines start or restart, so READY is seen within a fraction of a
-        second (it gates SERVING); the health interval once they all serve."""
-        return self.config.health_interval if self.board.get("engines_ready") else SETTLING_POLL_S
+        """Quick while engines start or restart (READY gates SERVING) or a draining
+        worker waits for its replica to retire; the health interval otherwise."""
+        settled = self.board.get("engines_ready") and not self._retiring_since
+        return self.config.health_interval if settled else SETTLING_POLL_S
 
     async def _reconcile_engines(self) -> None:
         """Bring the engines in line with the cluster and publish their state."""
@@ -348,7 +350,10 @@ class HeadNode(NodeBase):
         snap = await self.coordinator.snapshot()
         members = [m for m in snap["members"] if m["alive"] and m["state"] not in GONE_STATES
                    and m.get("ray_node_id") and m.get("address")]
-        self.replicas.ensure(members)
+        leaving = {m["node_id"] for m in snap["members"]
+                   if m["alive"] and m["state"] == "DRAINING" and m["node_id"] not in snap.get("released", [])}
+        await self._retire_leaving(leaving)
+        self.replicas.ensure(members, leaving=leaving)
         statuses = await self.replicas.poll()
         await self.coordinator.set_replicas(statuses)
         # Ready means a ready replica for every wanted node, not for the nodes seen
@@ -356,6 +361,27 @@ class HeadNode(NodeBase):
         # must not call itself recovered before it has one.
         self.board.set(engines_ready=self.replicas.all_ready(self.config.expected_nodes))
         return statuses
+
+    async def _retire_leaving(self, leaving: set[str]) -> None:
+        """A worker that drains on its own (SIGTERM to it) keeps its replica until the
+        requests in flight on it finish (bounded by --drain-timeout): no new ones go to
+        it, then it is stopped and the worker is released to stop its Ray."""
+        assert self.replicas is not None and self.coordinator is not None and self.gateway is not None
+        now = time.monotonic()
+        for node_id in set(self._retiring_since) - leaving:
+            del self._retiring_since[node_id]
+        done = []
+        for node_id in sorted(leaving):
+            since = self._retiring_since.setdefault(node_id, now)
+            in_flight = self.gateway.retire(f"replica-{node_id}") if node_id in self.replicas.handles else None
+            if in_flight and now - since < self.config.drain_timeout:
+                continue  # its requests are still being answered
+            await self.replicas.stop_one(node_id, timeout=10.0)
+            log.info("worker_released", node_id=node_id, requests_left=in_flight or 0,
+                     waited_s=round(now - since, 2))
+            done.append(node_id)
+        if done:
+            await self.coordinator.release(done)
 
     async def _reconcile_sharded(self) -> list[dict[str, Any]] | None:
         assert self.sharded is not None and self.coordinator is not None

@@ -70,6 +70,15 @@ def tree(roots: set[int] = frozenset(), pgids: set[int] = frozenset(),
     return {pid for pid in found if is_running(pid)}
 
 
+def cmdline(pid: int) -> str:
+    """The process's command line ('' when it is gone): to tell which of our own
+    recorded processes is which, never to find processes to signal."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def signal_all(pids: set[int], sig: int) -> None:
     for pid in pids:
         try:

@@ -58,8 +58,11 @@ class ReplicaSet:
     def wanted(self, expected_nodes: int) -> int:
         return expected_nodes if self.limit <= 0 else min(self.limit, expected_nodes)
 
-    def ensure(self, members: list[dict[str, Any]]) -> None:
-        """A replica actor on each chosen live member; forget those whose node is gone."""
+    def ensure(self, members: list[dict[str, Any]], leaving: set[str] = frozenset()) -> None:
+        """A replica actor on each chosen live member; forget those whose node is gone.
+
+        The replicas of `leaving` nodes (draining workers) are kept until the head
+        stops them (`stop_one`), and such nodes get none."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -68,7 +71,7 @@ class ReplicaSet:
 
         live = {m["node_id"]: m for m in members}
         for node_id in list(self.handles):
-            if node_id not in live:
+            if node_id not in live and node_id not in leaving:
                 log.warning("replica_dropped", node_id=node_id, reason="its node is gone")
                 self.handles.pop(node_id)
                 self.ever_ready.discard(node_id)
@@ -128,6 +131,26 @@ class ReplicaSet:
             if s["state"] == FAILED:
                 return f"{s['replica_id']} failed: {s.get('reason') or 'no reason given'}"
         return None
+
+    async def stop_one(self, node_id: str, timeout: float) -> None:
+        """Stop one node's replica (its engine first) and forget it."""
+        import ray
+
+        handle = self.handles.pop(node_id, None)
+        for table in (self.last, self.output_seq):
+            table.pop(node_id, None)
+        self.ever_ready.discard(node_id)
+        if handle is None:
+            return
+        try:
+            await asyncio.wait_for(handle.stop.remote(), timeout)
+        except Exception as exc:
+            log.warning("replica_stop_failed", node_id=node_id, error=f"{type(exc).__name__}: {exc}")
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:
+            pass
+        log.info("replica_stopped", node_id=node_id)
 
     async def stop_all(self, timeout: float) -> None:
         import ray

@@ -168,8 +168,36 @@ class WorkerNode(NodeBase):
     # -- leaving -------------------------------------------------------------------------
 
     async def _leave(self) -> None:
+        await self._wait_released(self.config.drain_timeout)
         await self.shutdown(self.config.drain_timeout)
         self.board.set(drained=True)
+
+    async def _wait_released(self, timeout: float) -> None:
+        """A worker that drains alone (the cluster runs on) hosts a replica with requests
+        in flight: wait, bounded, until the head has retired it and released this node,
+        so that stopping Ray cuts no request short. Nothing to wait for when the whole
+        cluster drains (the head stops the replicas first) or when this node has none."""
+        if self.coordinator is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await self._flush_reports(2.0)  # the head must see DRAINING to retire the replica
+            snap = await self.coordinator.snapshot()
+            mine = [r for r in snap["replicas"] if r.get("node_id") == self.config.node_id]
+            if snap["desired"] == "drain" or not mine:
+                return
+            log.info("waiting_for_release", replica_id=mine[0].get("replica_id"), timeout_s=timeout)
+            info = snap
+            while self.config.node_id not in info.get("released", []) and info.get("desired") != "drain":
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    log.warning("release_wait_timed_out", timeout_s=timeout)
+                    return
+                info = await self.coordinator.wait_for_change(info["version"], min(remaining, 10.0))
+            log.info("released", waited_s=round(timeout - (deadline - loop.time()), 2))
+        except Exception as exc:  # the head is gone or unreachable: nothing to wait for
+            log.warning("release_wait_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Leave the cluster: monitors off, driver closed, our Ray processes stopped."""

@@ -34,7 +34,8 @@ def test_missing_model_path_fails_pre_flight(tmp_path):
     assert r.stdout == ""  # nothing started, nothing logged
 
 
-def test_object_store_larger_than_dev_shm_fails_pre_flight():
+@pytest.mark.chaos
+def test_object_store_larger_than_dev_shm_fails_pre_flight(chaos_report):
     import os
 
     st = os.statvfs("/dev/shm")
@@ -44,6 +45,7 @@ def test_object_store_larger_than_dev_shm_fails_pre_flight():
     assert r.stderr.startswith("controller: error: pre-flight: /dev/shm holds ")
     assert r.stderr.endswith("enlarge /dev/shm (docker: --shm-size) or lower --object-store-memory\n")
     assert r.stderr.count("\n") == 1 and r.stdout == ""
+    chaos_report(fault="/dev/shm smaller than the object store: pre-flight", detect_s=None)
 
 
 def test_print_config_prints_toml_and_starts_nothing(tmp_path):

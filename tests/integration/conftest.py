@@ -127,3 +127,4 @@ def cluster(tmp_path_factory):
     yield c
     left = c.cleanup()
     assert not left, f"processes left after the cluster fixture: {sorted(left)}"
+

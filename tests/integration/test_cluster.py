@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from controller import processes
 from controller import testkit as tk
 
@@ -100,13 +102,16 @@ def test_the_status_command_shows_the_live_cluster(cluster):
     assert shown["cluster"]["state"] == "SERVING" and len(shown["nodes"]) == 3
 
 
-def test_restarted_head_controller_reattaches_with_the_same_epoch(cluster):
+@pytest.mark.chaos
+def test_restarted_head_controller_reattaches_with_the_same_epoch(cluster, chaos_report):
     before = cluster.record()
     old_head = cluster.head
+    t0 = time.monotonic()
     os.kill(old_head.pid, signal.SIGKILL)  # the controller only: its Ray head lives on
     old_head.wait(10)
     cluster.head = cluster.start(cluster.args, "head-restarted", cluster.control_port)
     after = tk.wait_cluster_state(cluster.control_port, "SERVING", SERVING_TIMEOUT)
+    chaos_report(fault="head controller killed and restarted (Ray head lives)", recover_s=time.monotonic() - t0)
     cluster.record()
     assert after["cluster"]["epoch"] == before["cluster"]["epoch"]
     workers_before = {n["node_id"]: (n["pid"], n["ray_pgid"]) for n in before["nodes"] if n["role"] == "worker"}
@@ -125,7 +130,8 @@ def test_restarted_head_controller_reattaches_with_the_same_epoch(cluster):
     assert worker_moves == []
 
 
-def test_killed_worker_node_degrades_and_a_new_worker_recovers(cluster):
+@pytest.mark.chaos
+def test_killed_worker_node_degrades_and_a_new_worker_recovers(cluster, chaos_report):
     s = cluster.record()
     victim = next(n for n in s["nodes"] if n["address"] == "127.0.0.3")
     t0 = time.monotonic()
@@ -166,6 +172,7 @@ def test_killed_worker_node_degrades_and_a_new_worker_recovers(cluster):
     assert m[("llmctl_transitions_total", frozenset({"role": "worker", "from": "JOINING",
                                                      "to": "WAITING_FOR_WORKERS", "trigger": "joined"}.items()))] == 3
     assert m[("llmctl_nodes_alive", frozenset())] == 3
+    chaos_report(fault="worker node SIGKILL (cluster only), then a new worker", detect_s=detect_s)
 
 
 def test_sigterm_to_head_stops_every_node_and_leaves_nothing(cluster):

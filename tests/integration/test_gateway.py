@@ -314,7 +314,8 @@ async def long_stream(session: aiohttp.ClientSession, url: str, started: asyncio
     return replica, f"other: {last[:100]}", ended
 
 
-async def test_killing_a_replicas_node_under_load_loses_no_request_started_after(gw):
+@pytest.mark.chaos
+async def test_killing_a_replicas_node_under_load_loses_no_request_started_after(gw, chaos_report):
     s = gw.record()
     victim = next(n for n in s["nodes"] if n["role"] == "worker")
     victim_replica = f"replica-{victim['node_id']}"
@@ -351,13 +352,16 @@ async def test_killing_a_replicas_node_under_load_loses_no_request_started_after
           f"({len(in_flight_failed)} failed), {len(after)} after ({len(after_failed)} failed)")
     assert len(after) >= 20 and not after_failed, after_failed[:5]
     assert not in_flight_failed  # refused before any byte came back: retried on the other replica
+    chaos_report(fault="worker node SIGKILL under load (gateway)", requests=len(results) + len(ended),
+                 failed=broken, lost=len(after_failed))
     st = tk.wait_cluster_state(gw.control_port, "DEGRADED", 30)
     assert st["gateway"]["counts"].get("retries", 0) >= 1 or st["gateway"]["counts"].get("replicas_marked_unhealthy")
     moves = tk.transitions(gw.head.events(), "head-127.0.0.2")
     assert moves[-1]["to"] == "DEGRADED"
 
 
-async def test_sigterm_under_load_finishes_in_flight_then_503_then_stopped(gw):
+@pytest.mark.chaos
+async def test_sigterm_under_load_finishes_in_flight_then_503_then_stopped(gw, chaos_report):
     stop = asyncio.Event()
     load = asyncio.create_task(run_load(gw.url, stop, concurrency=4, max_tokens=400, stream=True))
     # Signal while streams are surely in flight (the gateway counts them).
@@ -390,6 +394,8 @@ async def test_sigterm_under_load_finishes_in_flight_then_503_then_stopped(gw):
     assert sum(1 for r in straddling if r[0] == 200) >= accepted  # every accepted stream ran to [DONE]
     assert later and all(r[0] in (503, -1) for r in later) and any(r[0] == 503 for r in later)
     assert await asyncio.to_thread(gw.head.wait, 180) == 0
+    chaos_report(fault="SIGTERM to the head under load", requests=len(results),
+                 failed=sum(1 for r in straddling if r[0] not in (200, 503)), lost=0)
     moves = tk.transitions(gw.head.events(), "head-127.0.0.2")
     assert moves[-1]["to"] == "STOPPED" and moves[-1]["trigger"] == "drained"
     await asyncio.to_thread(tk.wait_for, lambda: not gw.leftovers(), 30, what="no process of the test left")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from controller import testkit as tk
 
 from .conftest import HEAD_IP, SERVING_TIMEOUT, Cluster, head_args, stop_cluster
 
 
-def test_worker_rejoins_a_new_head_under_a_new_epoch(tmp_path):
+@pytest.mark.chaos
+def test_worker_rejoins_a_new_head_under_a_new_epoch(tmp_path, chaos_report):
     c = Cluster(tmp=tmp_path, ray_port=tk.free_port(), control_port=tk.free_port(), head=None, args=[])  # type: ignore[arg-type]
     args = head_args(c.ray_port, c.control_port, tmp_path / "state", "--node-ip-address", HEAD_IP,
                      "--expected-workers", "1")
@@ -28,11 +31,15 @@ def test_worker_rejoins_a_new_head_under_a_new_epoch(tmp_path):
             return [(t["from"], t["to"], t["trigger"]) for t in tk.transitions(worker.events())]
 
         tk.wait_for(lambda: ("SERVING", "DEGRADED", "head_lost") in worker_moves(), 60, what="worker DEGRADED")
-        print(f"head node SIGKILL -> worker DEGRADED: {time.monotonic() - t0:.1f}s")
+        detect_s = time.monotonic() - t0
+        print(f"head node SIGKILL -> worker DEGRADED: {detect_s:.1f}s")
         assert worker.proc.poll() is None  # the worker controller outlives its head
 
+        restarted = time.monotonic()
         c.head = c.start(args, "head-2", c.control_port)
         second = tk.wait_cluster_state(c.control_port, "SERVING", SERVING_TIMEOUT)
+        chaos_report(fault="head node lost; a new head (new epoch), the worker rejoins", detect_s=detect_s,
+                     recover_s=time.monotonic() - restarted)
         c.record()
         assert second["cluster"]["epoch"] == first["cluster"]["epoch"] + 1
         rejoined = next(n for n in second["nodes"] if n["role"] == "worker")
@@ -40,6 +47,10 @@ def test_worker_rejoins_a_new_head_under_a_new_epoch(tmp_path):
         assert rejoined["pid"] == worker.pid
         moves = worker_moves()
         assert ("DEGRADED", "JOINING", "rejoin") in moves
+        # Fenced: its old epoch was refused, which is what sent it to rejoin.
+        rejoin = next(t for t in tk.transitions(worker.events()) if t["trigger"] == "rejoin")
+        assert rejoin["reason"] == (f"cluster epoch is {second['cluster']['epoch']}, "
+                                    f"joined under {first['cluster']['epoch']}"), rejoin["reason"]
         assert moves[-2:] == [("JOINING", "WAITING_FOR_WORKERS", "joined"),
                               ("WAITING_FOR_WORKERS", "SERVING", "cluster_serving")]
         stop_cluster(c, worker)

@@ -51,3 +51,13 @@ def test_a_restarted_engine_on_a_new_port_is_a_new_replica_and_gone_ones_leave()
     assert set(p.replicas) == {"r1"}
     r1 = p.replicas["r1"]
     assert r1.unhealthy is None and r1.url.endswith(":9000") and r1.in_flight == 0
+
+
+def test_a_retiring_replica_takes_no_new_request_and_says_what_is_in_flight():
+    p = pool("READY", "READY")
+    p.replicas["r0"].in_flight = 2
+    assert p.retire("r0") == 2 and p.retire("nope") is None
+    assert [p.pick().replica_id for _ in range(20)] == ["r1"] * 20
+    p.update([{"replica_id": "r0", "url": "http://10.0.0.0:8000", "state": "READY"},
+              {"replica_id": "r1", "url": "http://10.0.0.1:8000", "state": "READY"}])
+    assert p.replicas["r0"].retiring  # the supervisors' next report does not bring it back

@@ -61,6 +61,7 @@ def test_register_requires_current_epoch():
     lambda c: c.mark_lost(1, ["worker-a"]),
     lambda c: c.set_desired(1, "drain"),
     lambda c: c.set_replicas(1, []),
+    lambda c: c.release(1, ["worker-a"]),
 ])
 def test_every_write_is_fenced(call):
     c = CoordinatorState(epoch=2)
@@ -122,3 +123,25 @@ def test_stale_epoch_survives_pickling():
 
     err = pickle.loads(pickle.dumps(StaleEpoch(1, 2)))
     assert (err.given, err.current) == (1, 2)
+
+
+def test_released_workers_are_in_the_info_until_they_register_again():
+    c = CoordinatorState(epoch=1)
+    c.register(member(), epoch=1)
+    before = c.version
+    info = c.release(1, ["worker-a"])
+    assert info["released"] == ["worker-a"] and c.version == before + 1
+    assert c.release(1, ["worker-a"])["version"] == before + 1  # nothing new: watchers are not woken
+    c.register(member(), epoch=1)
+    assert c.info()["released"] == []
+
+
+def test_transitions_are_counted_by_role_from_to_trigger():
+    c = CoordinatorState(epoch=1)
+    c.register(member(), epoch=1)
+    for _ in range(2):
+        c.report("worker-a", 1, "DEGRADED", {"from": "SERVING", "to": "DEGRADED", "trigger": "head_lost",
+                                              "reason": "x"})
+    c.report("ghost", 1, "SERVING", {"from": "INIT", "to": "JOINING", "trigger": "start", "reason": "x"})
+    assert c.snapshot()["transition_counts"] == {"worker|SERVING|DEGRADED|head_lost": 2,
+                                                 "unknown|INIT|JOINING|start": 1}
