@@ -95,10 +95,12 @@ class CoordinatorState:
         self._fence(epoch)
         member = self.members.get(node_id)
         now = iso_now()
-        if member is not None:
+        if member is not None and member["alive"]:
+            # A member marked LOST stays lost until it registers again: a late report
+            # from a node Ray declared dead must not bring it back (two views).
             if member["state"] != state:
                 member["since"] = now
-            member.update(state=state, last_seen=now, alive=True)
+            member.update(state=state, last_seen=now)
             if transition is not None:
                 member["last_transition"] = transition
         if transition is not None:
@@ -110,11 +112,14 @@ class CoordinatorState:
         return self.info()
 
     def heartbeat(self, node_id: str, epoch: int | None) -> dict[str, Any]:
+        """The member's liveness; the answer tells a member the cluster counts as
+        lost (its Ray node was declared dead) so that it rejoins."""
         self._fence(epoch)
         member = self.members.get(node_id)
-        if member is not None:
+        if member is not None and member["alive"]:
             member["last_seen"] = iso_now()
-        return self.info()  # no version bump: heartbeats must not wake watchers
+        lost = member is None or not member["alive"]
+        return {**self.info(), "member_lost": lost}  # no version bump: heartbeats must not wake watchers
 
     def set_cluster(self, epoch: int | None, **fields: Any) -> dict[str, Any]:
         self._fence(epoch)

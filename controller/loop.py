@@ -52,6 +52,7 @@ class Board:
         else:
             count = self._failures.get(source, (0, None))[0] + 1
             self._failures[source] = (count, error)
+            log.warning("health_check_failed", source=source, consecutive=count, error=error)
             self._failing_since.setdefault(source, time.monotonic())
             self.note_fault(source, self._failing_since[source])
         count, worst = max(self._failures.values(), key=lambda item: item[0])

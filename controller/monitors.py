@@ -135,6 +135,7 @@ class CoordinatorWatch:
             self.board.health("coordinator", f"coordinator heartbeat: {_error_text(exc)}")
             return
         self.board.health("coordinator", None)
+        self.board.set(fenced=bool(info.get("member_lost")))
         self._apply(info)
 
     async def watch(self, poll_timeout: float = 10.0) -> None:

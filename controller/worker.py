@@ -48,7 +48,7 @@ class WorkerNode(NodeBase):
             for name in MONITORS:
                 self.tasks.forget(name)
             self.board.set(joined=False, health_failures=0, last_health_error=None,
-                           cluster_state=None, cluster_epoch=None, head_reachable=False)
+                           cluster_state=None, cluster_epoch=None, head_reachable=False, fenced=False)
             self.board.health("coordinator", None)
             self.board.health("gcs_cli", None)
         super().on_moved(moved, record)

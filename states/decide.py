@@ -47,6 +47,9 @@ class Observation:
     cluster_epoch: int | None = None
     my_epoch: int | None = None
     head_reachable: bool = False
+    # The coordinator counts this worker as lost (Ray declared its node dead, e.g.
+    # after a hang): it is fenced out and must rejoin.
+    fenced: bool = False
 
     @property
     def in_state_s(self) -> float:
@@ -152,10 +155,14 @@ def _decide_worker(state: State, obs: Observation, limits: Limits) -> Decision |
     if state is State.SERVING:
         if _health_lost(obs, limits):
             return Decision(Trigger.HEAD_LOST, _health_text(obs))
+        if obs.fenced:
+            return Decision(Trigger.CLUSTER_DEGRADED, "the coordinator counts this node as lost")
         if obs.cluster_state is State.DEGRADED:
             return Decision(Trigger.CLUSTER_DEGRADED, "coordinator reports the cluster DEGRADED")
         return None
     if state is State.DEGRADED:
+        if obs.fenced:
+            return Decision(Trigger.REJOIN, "the coordinator counts this node as lost: Ray declared it dead")
         if (
             obs.cluster_epoch is not None
             and obs.my_epoch is not None

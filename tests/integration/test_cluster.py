@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -55,6 +56,19 @@ def test_head_and_two_workers_serve_with_one_epoch(cluster):
         path = [(t["from"], t["to"]) for t in tk.transitions(events, n["node_id"])]
         assert path[-1][1] == "SERVING", (n["node_id"], path)
         assert path[0] == ("INIT", "JOINING")
+
+
+def test_the_ray_token_is_private_and_never_shown(cluster):
+    token = cluster.token_file.read_text().strip()
+    assert len(token) == 64 and oct(cluster.token_file.stat().st_mode & 0o777) == "0o600"
+    assert oct(cluster.token_file.parent.stat().st_mode & 0o777) == "0o700"
+    shown = [json.dumps(cluster.status()), cluster.head.log_path.read_text(),
+             tk.get_json(f"http://127.0.0.1:{cluster.control_port}/healthz")[1].__repr__()]
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.control_port}/metrics", timeout=5) as resp:
+        shown.append(resp.read().decode())
+    assert not any(token in text for text in shown)
+    auth = [e for e in cluster.head.events() if e["event"] == "ray_auth"]
+    assert auth and {e["mode"] for e in auth} == {"token"}  # the head and its local workers
 
 
 def test_second_head_on_the_same_port_is_refused(cluster):

@@ -90,6 +90,20 @@ def test_heartbeat_does_not_bump_version():
     assert c.version == v
 
 
+def test_a_lost_member_is_told_so_and_a_late_report_does_not_bring_it_back():
+    c = CoordinatorState(epoch=1)
+    c.register(member("a"), epoch=1)
+    assert c.heartbeat("a", 1)["member_lost"] is False
+    c.mark_lost(1, ["a"])
+    c.report("a", 1, "DEGRADED", {"from": "SERVING", "to": "DEGRADED", "trigger": "cluster_degraded",
+                                   "reason": "late"})
+    (a,) = c.snapshot()["members"]
+    assert (a["state"], a["alive"]) == ("LOST", False)  # one view: Ray's
+    assert c.heartbeat("a", 1)["member_lost"] is True
+    c.register(member("a"), epoch=1)  # it rejoined
+    assert c.heartbeat("a", 1)["member_lost"] is False
+
+
 def test_mark_lost_distinguishes_drained_from_lost():
     c = CoordinatorState(epoch=1)
     c.register(member("a"), epoch=1)

@@ -59,6 +59,9 @@ WORKER_CASES = [
     (S.DEGRADED, obs(cluster_epoch=5, my_epoch=4), T.REJOIN),
     (S.DEGRADED, obs(health_failures=3, head_reachable=False), None),
     (S.DEGRADED, obs(health_failures=3, head_reachable=True), T.REJOIN),
+    # Fenced: the coordinator counts the node as lost (Ray declared it dead after a hang).
+    (S.SERVING, obs(cluster_state=S.SERVING, fenced=True), T.CLUSTER_DEGRADED),
+    (S.DEGRADED, obs(cluster_state=S.SERVING, fenced=True), T.REJOIN),
     (S.DRAINING, obs(drained=True), T.DRAINED),
 ]
 
