@@ -300,6 +300,21 @@ class Gateway:
                 await _write_quietly(response, sse_error(message, "timeout"))
             else:
                 response = error_response(504, message, "server_error", "timeout")
+        except asyncio.CancelledError:
+            # The client closed its connection (aiohttp cancels the handler); the
+            # replica's stream is released on the way out. A client that had the whole
+            # stream and hung up before the final empty chunk was served in full.
+            elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+            if streaming.get("complete"):
+                self.counts["status_200"] += 1
+                log.info("request", route=request.path, replica_id=streaming.get("replica_id"), status=200,
+                         attempts=1, latency_ms=elapsed_ms, completion_tokens=streaming.get("tokens"))
+            else:
+                self.counts["clients_gone"] += 1
+                log.info("request", route=request.path, replica_id=streaming.get("replica_id"), status=499,
+                         attempts=0, latency_ms=elapsed_ms, completion_tokens=None,
+                         reason="the client closed the connection")
+            raise
         finally:
             self.in_flight -= 1
             self._notify()
@@ -368,7 +383,7 @@ class Gateway:
             return web.Response(status=upstream.status, body=data, headers=headers), _completion_tokens(data)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
-        streaming["response"] = response
+        streaming["response"], streaming["replica_id"] = response, replica.replica_id
         chunks = upstream.content.iter_any()
         tail = b""  # the stream's end, where a usage chunk (stream_options.include_usage) sits
         while True:
@@ -391,8 +406,11 @@ class Gateway:
                 # The client left; release() closes the replica's stream. Not the replica's fault.
                 self.counts["clients_gone"] += 1
                 return response, None
+        # Everything the replica sent went out; what is left is the chunked ending,
+        # which a client that read [DONE] may not wait for.
+        streaming["complete"], streaming["tokens"] = True, _stream_tokens(tail)
         await response.write_eof()
-        return response, _stream_tokens(tail)
+        return response, streaming["tokens"]
 
 
 def _stream_tokens(tail: bytes) -> int | None:
