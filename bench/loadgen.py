@@ -98,7 +98,10 @@ async def send_completion(session: aiohttp.ClientSession, url: str, body: dict[s
                         break
                     if event.get("usage"):
                         usage_tokens = event["usage"].get("completion_tokens")
-                    if event.get("choices") and event["choices"][0].get("text"):
+                    # Every chunk with a choice is a decoding step, its text empty or not (a
+                    # token ending inside a UTF-8 character comes with empty text): timed as
+                    # vLLM's own benchmark client times it.
+                    if event.get("choices"):
                         sample.tokens += 1
                         if last is None:
                             sample.ttft = now - planned_at

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,7 @@ def prompt_of(tokens: int, model_dir: Path) -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    ids = tok(" ".join(tiny_model.WORDS.split() * 20), add_special_tokens=False)["input_ids"][:tokens]
+    ids = tok(" ".join(list(tiny_model.WORDS) * 20), add_special_tokens=False)["input_ids"][:tokens]
     text = tok.decode(ids)
     assert len(tok(text, add_special_tokens=False)["input_ids"]) == tokens, "prompt does not round-trip"
     return text
@@ -91,30 +92,38 @@ def theirs(url: str, args: argparse.Namespace, model_dir: Path, seed: int, resul
 
 def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of each tool's rounds, and our difference from vLLM's, in %."""
-    def med(tool: str, m: str, q: str) -> float | None:
-        values = sorted(r["ms"][m][q] for r in runs if r["tool"] == tool and r["ms"][m][q] is not None)
-        return values[len(values) // 2] if values else None
+    def values(tool: str, m: str, q: str) -> list[float]:
+        return [r["ms"][m][q] for r in runs if r["tool"] == tool and r["ms"][m][q] is not None]
 
     table = {}
     for m in METRICS:
         for q in ("p50", "p99"):
-            a, b = med("ours", m, q), med("vllm", m, q)
+            ours_v, vllm_v = values("ours", m, q), values("vllm", m, q)
+            a = statistics.median(ours_v) if ours_v else None
+            b = statistics.median(vllm_v) if vllm_v else None
             diff = None if a is None or not b else round(100 * (a - b) / b, 1)
-            table[f"{m} {q}"] = {"ours_ms": a, "vllm_ms": b, "diff_pct": diff}
+            table[f"{m} {q}"] = {"ours_ms": a, "vllm_ms": b, "diff_pct": diff,
+                                 "ours_rounds": ours_v, "vllm_rounds": vllm_v}
     return table
 
 
 def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
+    def rounds(values: list[float]) -> str:
+        return " / ".join(f"{x:.1f}" for x in values) or "-"
+
     rows = [[k, f"{v['ours_ms']:.1f}" if v["ours_ms"] is not None else "-",
              f"{v['vllm_ms']:.1f}" if v["vllm_ms"] is not None else "-",
-             "-" if v["diff_pct"] is None else f"{v['diff_pct']:+.1f}%" + (" **>10%**" if abs(v["diff_pct"]) > 10 else "")]
+             "-" if v["diff_pct"] is None else f"{v['diff_pct']:+.1f}%" + (" **>10%**" if abs(v["diff_pct"]) > 10 else ""),
+             rounds(v.get("ours_rounds", [])), rounds(v.get("vllm_rounds", []))]
             for k, v in result["comparison"].items()]
     return (f"# Peer cross-check: bench/loadgen.py vs vLLM's `vllm.benchmarks.serve`\n\n"
             f"{cfg['requests']} requests per round, Poisson at {cfg['rate']:g} req/s, {cfg['input_len']}-token prompts, "
             f"{cfg['output_len']} output tokens (ignore_eos), streamed, {cfg['rounds']} rounds per tool, alternated; "
-            f"medians of the rounds.\n\n"
-            + output.markdown_table(["metric", "ours ms", "vLLM's ms", "ours vs vLLM's"], rows)
+            f"medians of the rounds, and each round's figure (the spread between rounds of one tool is the noise "
+            f"floor of a comparison on this machine).\n\n"
+            + output.markdown_table(["metric", "ours ms", "vLLM's ms", "ours vs vLLM's", "ours per round",
+                                     "vLLM's per round"], rows)
             + f"\nEnvironment: {result['environment']}.\n")
 
 
