@@ -21,7 +21,12 @@ ENV_PREFIX = "LLMCTL_"
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing, malformed or inconsistent."""
+    """A configuration value is missing, malformed or inconsistent.
+
+    Its message is one line whatever it quotes (a path may hold a newline)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def _bool(text: Any) -> bool:

@@ -402,15 +402,16 @@ class Gateway:
             try:
                 await response.write(chunk)
                 streaming.setdefault("first_chunk_at", time.perf_counter())
+                if tail.rstrip().endswith(b"data: [DONE]"):
+                    # The client has the whole answer; it may hang up before the stream's
+                    # own end (the OpenAI SDK does): that is a request served.
+                    streaming["complete"], streaming["tokens"] = True, _stream_tokens(tail)
             except ConnectionResetError:
                 # The client left; release() closes the replica's stream. Not the replica's fault.
                 self.counts["clients_gone"] += 1
                 return response, None
-        # Everything the replica sent went out; what is left is the chunked ending,
-        # which a client that read [DONE] may not wait for.
-        streaming["complete"], streaming["tokens"] = True, _stream_tokens(tail)
         await response.write_eof()
-        return response, streaming["tokens"]
+        return response, _stream_tokens(tail)
 
 
 def _stream_tokens(tail: bytes) -> int | None:

@@ -21,7 +21,10 @@ GB = 10**9
 
 
 class PreflightError(RuntimeError):
-    """A pre-flight check failed; the message says which and what to do."""
+    """A pre-flight check failed; the message says which and what to do (one line)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def model_problem(model: str | None) -> str | None:

@@ -40,6 +40,8 @@ class Cluster:
         return self.tmp / "state" / "ray-auth-token"
 
     def worker_args(self, ip: str, *extra: str, token_file: Path | None = None) -> list[str]:
+        if token_file is None:  # the head's own: it makes it within a second of its start
+            tk.wait_for(self.token_file.exists, 30, 0.1, what=f"the head's Ray token at {self.token_file}")
         return ["--role", "worker", "--head-address", self.head_address, "--node-ip-address", ip,
                 "--log-format", "json", "--ray-token-file", str(token_file or self.token_file), *extra]
 

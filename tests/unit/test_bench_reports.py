@@ -35,6 +35,8 @@ def test_the_peer_comparison_takes_each_tools_median_round_and_the_difference():
     def run(tool, e2el_p50):
         return {"tool": tool, "ms": {m: {"p50": e2el_p50, "p99": 2 * e2el_p50} for m in peer.METRICS}}
     table = peer.compare([run("ours", 50), run("vllm", 40), run("ours", 60), run("vllm", 50), run("ours", 55)])
-    assert table["e2el p50"] == {"ours_ms": 55, "vllm_ms": 50, "diff_pct": 10.0}
-    assert "**>10%**" not in peer.markdown({"config": {"requests": 1, "rate": 1, "input_len": 1, "output_len": 1,
-                                                      "rounds": 1}, "environment": {}, "comparison": table})
+    assert table["e2el p50"] == {"ours_ms": 55, "vllm_ms": 45, "diff_pct": 22.2, "ours_rounds": [50, 60, 55],
+                                 "vllm_rounds": [40, 50]}
+    md = peer.markdown({"config": {"requests": 1, "rate": 1, "input_len": 1, "output_len": 1, "rounds": 1},
+                        "environment": {}, "comparison": table})
+    assert "| e2el p50 | 55.0 | 45.0 | +22.2% **>10%** | 50.0 / 60.0 / 55.0 | 40.0 / 50.0 |" in md
