@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from openai import OpenAI
 
 from bench import sweep
-from controller import testkit as tk
+from controller import processes, testkit as tk
 
 from .conftest import serving_cluster
 
@@ -330,13 +330,16 @@ async def test_killing_a_replicas_node_under_load_loses_no_request_started_after
     stop = asyncio.Event()
     load = asyncio.create_task(run_load(gw.url, stop, concurrency=4))
     await asyncio.sleep(4)
+    # The node's processes, found now: at the stream's first token the SIGKILL must land
+    # at once (a stream lasts about a second here; finding them takes a good part of it).
+    victim_pids = await asyncio.to_thread(tk.node_pids, victim, s["nodes"])
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
         started: asyncio.Queue = asyncio.Queue()
         streams = [asyncio.create_task(long_stream(session, gw.url, started)) for _ in range(6)]
         while await asyncio.wait_for(started.get(), 60) != victim_replica:
             pass  # kill the node while a stream on its replica is surely under way
         killed_at = time.monotonic()
-        await asyncio.to_thread(tk.kill_node, victim, s["nodes"])
+        assert not await asyncio.to_thread(processes.kill_now, victim_pids)
         ended = await asyncio.gather(*streams)
     await asyncio.sleep(12)
     stop.set()
