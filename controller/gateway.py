@@ -183,6 +183,8 @@ class Gateway:
         """
         while True:
             await asyncio.sleep(self.liveness_interval)
+            if self.draining:
+                continue  # the engines are being stopped on purpose: not a failure to report
             await asyncio.gather(*(self._check_replica(r) for r in list(self.pool.replicas.values())
                                    if r.ready and not r.retiring))
 

@@ -32,8 +32,9 @@ def print_status(status: dict, control_port: int) -> None:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
         metrics = resp.read().decode()
     shown = [line for line in metrics.splitlines()
-             if line.startswith("llmctl_") and "_bucket{" not in line and not line.endswith(" 0.0")]
-    print(f"\n$ curl -s http://{address}/metrics | grep ^llmctl_   (non-zero samples, no buckets)")
+             if line.startswith("llmctl_") and "_bucket{" not in line and "_created" not in line
+             and not line.endswith(" 0.0")]
+    print(f"\n$ curl -s http://{address}/metrics | grep ^llmctl_   (non-zero samples; no buckets, no _created)")
     print("\n".join(shown))
     sys.stdout.flush()
 
