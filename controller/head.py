@@ -286,17 +286,35 @@ class HeadNode(NodeBase):
         """One at a time: raylets started together on one machine race for the same
         random ports (seen here: "bind: Address already in use" in the raylet)."""
         assert self.coordinator is not None
+        loop = asyncio.get_running_loop()
         for address in self.local.addresses:
-            snap = await self.coordinator.snapshot()
-            if not self.local.start_one(address, snap["members"]):
+            members = None
+            deadline = loop.time() + self.config.join_attempt_timeout
+            while members is None:
+                members = await self._members_or_none()
+                if members is None:
+                    if loop.time() >= deadline:
+                        raise FatalError(f"the coordinator did not answer for {self.config.join_attempt_timeout:g}s "
+                                         f"while starting the local worker {address}")
+                    await asyncio.sleep(1.0)
+            if not self.local.start_one(address, members):
                 continue
-            loop = asyncio.get_running_loop()
             deadline = loop.time() + self.config.join_attempt_timeout
             while loop.time() < deadline:
-                members = (await self.coordinator.snapshot())["members"]
-                if any(m.get("address") == address and m["alive"] for m in members):
+                members = await self._members_or_none()
+                if members and any(m.get("address") == address and m["alive"] for m in members):
                     break
                 await asyncio.sleep(0.5)
+
+    async def _members_or_none(self) -> list[dict[str, Any]] | None:
+        """The coordinator's members, or None when it does not answer this time: a
+        slow or paused coordinator is the health monitors' business, not a reason to
+        stop starting local workers."""
+        try:
+            return (await self.coordinator.snapshot())["members"]
+        except Exception as exc:
+            log.warning("local_workers_wait", error=f"{type(exc).__name__}: {exc}")
+            return None
 
     def ready(self) -> bool:
         """Requests can be served: the cluster serves (at reduced capacity in DEGRADED,
