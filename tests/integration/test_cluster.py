@@ -172,7 +172,13 @@ def test_killed_worker_node_degrades_and_a_new_worker_recovers(cluster, chaos_re
     assert m[("llmctl_node_state", frozenset({**lost_state, "state": "SERVING"}.items()))] == 0
 
     newcomer = cluster.start(cluster.worker_args("127.0.0.5", "--join-delay", "2"), "worker-127.0.0.5")
-    s = tk.wait_cluster_state(cluster.control_port, "SERVING", SERVING_TIMEOUT)
+    tk.wait_cluster_state(cluster.control_port, "SERVING", SERVING_TIMEOUT)
+    # The workers follow the cluster's state a moment later (they hear it by long-poll).
+    def all_serving():
+        st = cluster.status()
+        return st if sum(n["state"] == "SERVING" for n in st["nodes"]) == 3 else None
+
+    s = tk.wait_for(all_serving, 30, what="every live node SERVING")
     cluster.record()
     serving = sorted(n["address"] for n in s["nodes"] if n["state"] == "SERVING")
     assert serving == ["127.0.0.2", "127.0.0.4", "127.0.0.5"]
