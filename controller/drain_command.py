@@ -13,13 +13,12 @@ at the timeout; 2 bad arguments.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import urllib.error
 import urllib.request
 
-from controller.config import ENV_PREFIX, ConfigError, parse_host_port
+from controller.config import ConfigError, operator_parser, parse_host_port
 
 
 def _post_drain(address: str) -> bool:
@@ -45,13 +44,8 @@ def _alive(address: str) -> bool:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            raise ConfigError(message)
-
-    parser = Parser(prog="python -m controller drain", allow_abbrev=False,
-                    description="Drain the cluster through the head's control port and wait for the head to stop.")
-    parser.add_argument("--control-address", default=os.environ.get(ENV_PREFIX + "CONTROL_ADDRESS", "127.0.0.1:8080"))
+    parser = operator_parser("drain", "Drain the cluster through the head's control port and wait for the head "
+                                      "to stop.")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the head to stop")
     args = parser.parse_args(argv)
     parse_host_port(args.control_address, "control-address")

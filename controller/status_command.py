@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import urllib.error
@@ -25,7 +24,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from controller.config import ENV_PREFIX, ConfigError, parse_host_port
+from controller.config import ConfigError, operator_parser, parse_host_port
 
 STATE_STYLES = {"SERVING": "bold green", "READY": "green", "DEGRADED": "bold yellow", "RESTARTING": "yellow",
                 "STARTING": "cyan", "WAITING_FOR_WORKERS": "cyan", "JOINING": "cyan", "INIT": "cyan",
@@ -118,15 +117,7 @@ def render(status: dict[str, Any], address: str, now: datetime | None = None) ->
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            raise ConfigError(message)
-
-    parser = Parser(prog="python -m controller status", allow_abbrev=False,
-                    description="Show the cluster from the head's /status.")
-    parser.add_argument("--control-address", default=os.environ.get(ENV_PREFIX + "CONTROL_ADDRESS", "127.0.0.1:8080"),
-                        help="HOST:PORT of the head's control port (default: 127.0.0.1:8080, or "
-                             f"{ENV_PREFIX}CONTROL_ADDRESS)")
+    parser = operator_parser("status", "Show the cluster from the head's /status.")
     parser.add_argument("--json", action="store_true", help="print /status as the head sent it")
     parser.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
                         help="redraw every SECONDS (default 2) until Ctrl-C")
