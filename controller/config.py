@@ -175,6 +175,16 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def operator_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The parser of an operator's command (status, drain): it talks to the head's
+    control port, and its errors are one ConfigError line, as the controller's are."""
+    parser = _Parser(prog=f"python -m controller {command}", description=description, allow_abbrev=False)
+    parser.add_argument("--control-address", default=os.environ.get(ENV_PREFIX + "CONTROL_ADDRESS", "127.0.0.1:8080"),
+                        help=f"HOST:PORT of the head's control port (default: 127.0.0.1:8080, or "
+                             f"{ENV_PREFIX}CONTROL_ADDRESS)")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m controller",
@@ -199,7 +209,7 @@ def _parse_value(name: str, raw: Any, source: str) -> Any:
     option = _BY_NAME[name]
     try:
         value = option.parse(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int(inf) from a TOML file overflows
         raise ConfigError(f"{source}: invalid value {raw!r} for {name.replace('_', '-')}") from None
     if option.choices and value not in option.choices:
         raise ConfigError(
