@@ -6,6 +6,7 @@ line for such input: tests/cli/test_cli_fuzz.py.)"""
 
 from __future__ import annotations
 
+import os
 import string
 
 from hypothesis import HealthCheck, given, settings
@@ -62,6 +63,16 @@ def test_any_input_is_a_config_or_one_clear_line(tmp_path_factory, args, env, fi
             path.write_text("\n".join(f"{k} = {_toml(v)}" for k, v in file_items.items()) + "\n")
         args = ["--config", str(path), *args]
     env = {**env, "LLMCTL_STATE_DIR": str(tmp / "state")}
+    # A fuzzed --state-dir may be relative ("0"): the head's token would land there.
+    here = os.getcwd()
+    os.chdir(tmp)
+    try:
+        _check(args, env)
+    finally:
+        os.chdir(here)
+
+
+def _check(args, env) -> None:
     try:
         config, sources = load_config_with_sources(args, env)
     except ConfigError as exc:
