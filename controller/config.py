@@ -223,10 +223,10 @@ def _from_file(path: str) -> dict[str, Any]:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file unreadable: {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except tomllib.TOMLDecodeError as exc:  # before ValueError, whose subclass it is
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise ConfigError(f"config file unreadable: {path}: {exc}") from None
     values: dict[str, Any] = {}
     for key, raw in data.items():
         name = key.replace("-", "_")

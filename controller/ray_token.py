@@ -50,7 +50,7 @@ def _read_token_file(path: str) -> str:
         token = Path(path).read_text().strip()
     except FileNotFoundError:
         raise ConfigError(f"ray-token-file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL in the path
         raise ConfigError(f"ray-token-file unreadable: {path}: {exc}") from None
     if not token:
         raise ConfigError(f"ray-token-file is empty: {path}")
