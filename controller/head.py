@@ -51,6 +51,13 @@ def served_name(model: str | None) -> str:
     return model.rstrip("/").rsplit("/", 1)[-1]
 
 
+def draining_members(snap: dict[str, Any]) -> set[str]:
+    """Workers that drain on their own and that the head has not released yet."""
+    released = set(snap.get("released", []))
+    return {m["node_id"] for m in snap["members"]
+            if m["alive"] and m["state"] == "DRAINING" and m["node_id"] not in released}
+
+
 class FatalError(RuntimeError):
     """An error the node cannot recover from; the message is the one-line reason."""
 
@@ -174,6 +181,8 @@ class HeadNode(NodeBase):
             if self.config.engine == "vllm":
                 self.tasks.ensure("engines", lambda: every(self._engine_poll_interval, self._reconcile_engines,
                                                            "engines"))
+                if self.replicas is not None:
+                    self.tasks.ensure("leave_watch", self._watch_leaving)
         elif state is State.DRAINING:
             self.tasks.ensure("drain", self._drain)
 
@@ -368,8 +377,7 @@ class HeadNode(NodeBase):
         snap = await self.coordinator.snapshot()
         members = [m for m in snap["members"] if m["alive"] and m["state"] not in GONE_STATES
                    and m.get("ray_node_id") and m.get("address")]
-        leaving = {m["node_id"] for m in snap["members"]
-                   if m["alive"] and m["state"] == "DRAINING" and m["node_id"] not in snap.get("released", [])}
+        leaving = draining_members(snap)
         await self._retire_leaving(leaving)
         self.replicas.ensure(members, leaving=leaving)
         statuses = await self.replicas.poll()
@@ -379,6 +387,31 @@ class HeadNode(NodeBase):
         # must not call itself recovered before it has one.
         self.board.set(engines_ready=self.replicas.all_ready(self.config.expected_nodes))
         return statuses
+
+    async def _watch_leaving(self) -> None:
+        """A worker that begins to drain gets no new request from the moment its
+        DRAINING report reaches the coordinator, not at the next engine poll (up to
+        --health-interval later, long enough for a client to land on it). The engine
+        poll does the rest: it stops the replica once idle and releases the worker."""
+        assert self.gateway is not None
+        version = -1
+        while self.coordinator is not None:
+            try:
+                info = await self.coordinator.wait_for_change(version, 10.0)
+                if info["version"] == version:
+                    continue
+                version = info["version"]
+                snap = await self.coordinator.snapshot()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the coordinator's own monitors report an outage
+                log.warning("monitor_error", monitor="leave_watch", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+                continue
+            if snap["desired"] == "drain":
+                continue  # the whole cluster drains: the gateway already refuses new requests
+            for m in draining_members(snap):
+                self.gateway.retire(f"replica-{m}")
 
     async def _retire_leaving(self, leaving: set[str]) -> None:
         """A worker that drains on its own (SIGTERM to it) keeps its replica until the
