@@ -229,13 +229,11 @@ async def test_a_slow_client_does_not_hold_up_the_others(gw):
     writer.close()
 
 
-async def test_a_client_that_leaves_mid_stream_leaves_no_request_in_flight(gw):
-    # (Whether the gateway notices the hang-up before the stream's end is not
-    # asserted: here it does not, and the replica generates to max_tokens; see the
-    # closing note of issue 6. What must hold: nothing stays counted in flight.)
+async def test_a_client_that_leaves_mid_stream_is_noticed_and_its_stream_released(gw):
     # A raw connection, dropped at the first token (aiohttp's client would keep the
     # connection in its pool and the stream would run to its end unnoticed).
     port = int(gw.url.rsplit(":", 1)[1])
+    gone_before = gw.status()["gateway"]["counts"].get("clients_gone", 0)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     body = json.dumps({"model": "tiny", "prompt": "leave", "max_tokens": 480, "ignore_eos": True,
                        "stream": True}).encode()
@@ -244,9 +242,15 @@ async def test_a_client_that_leaves_mid_stream_leaves_no_request_in_flight(gw):
     await writer.drain()
     while b"data:" not in await asyncio.wait_for(reader.readline(), 30):
         pass
-    writer.transport.abort()  # hang up mid-stream
-    tk.wait_for(lambda: all(r["in_flight"] == 0 for r in gw.status()["replicas"])
-                and gw.status()["gateway"]["in_flight"] == 0, 30, what="the stream's replica released")
+    writer.close()  # hang up mid-stream
+    await writer.wait_closed()  # the socket is closed only once this loop runs again
+    # The gateway notices at once and releases the replica's stream: nothing stays in
+    # flight, and the request counts as a client gone (499), not as a stream served to
+    # its end for no one.
+    status = await asyncio.to_thread(
+        tk.wait_for, lambda: (s := gw.status())["gateway"]["in_flight"] == 0
+        and all(r["in_flight"] == 0 for r in s["replicas"]) and s, 10, 0.1, "the stream's replica released")
+    assert status["gateway"]["counts"].get("clients_gone", 0) == gone_before + 1, status["gateway"]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         assert (await post_completion(session, gw.url))[0] == 200
 
