@@ -306,11 +306,25 @@ async def run_load(url: str, stop: asyncio.Event, concurrency: int, **kwargs) ->
     return results
 
 
-async def long_stream(session: aiohttp.ClientSession, url: str, started: asyncio.Queue
+async def stream_frozen_on(replica_id: str, streams: list[asyncio.Task], started: asyncio.Queue) -> bool:
+    """With the replica's node frozen: is a stream on it still under way? One second
+    lets this client read whatever was sent before the freeze; then any stream whose
+    first token came from the replica and that has not ended is stuck midway. (One
+    first token of it was taken off `started` already.)"""
+    await asyncio.sleep(1.0)
+    on_it = 1
+    while not started.empty():
+        on_it += started.get_nowait() == replica_id
+    ended = sum(1 for t in streams if t.done() and not t.exception() and t.result()[0] == replica_id)
+    return on_it > ended
+
+
+async def long_stream(session: aiohttp.ClientSession, url: str, started: asyncio.Queue, n: int = 1
                       ) -> tuple[str | None, str, float]:
-    """A long streaming completion (about 2 s here): (replica id, how it ended: 'done',
-    'error event' or other, when). Puts its replica id on `started` at its first token."""
-    body = {"model": "tiny", "prompt": "long", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    """A long streaming completion of `n` choices (one takes about a second here):
+    (replica id, how it ended: 'done', 'error event' or other, when). Puts its replica
+    id on `started` at its first token."""
+    body = {"model": "tiny", "prompt": "long", "max_tokens": 480, "ignore_eos": True, "stream": True, "n": n}
     async with session.post(url + "/v1/completions", json=body, headers=AUTH) as resp:
         replica, last = resp.headers.get("X-Replica-Id"), ""
         async for line in resp.content:
@@ -338,11 +352,24 @@ async def test_killing_a_replicas_node_under_load_loses_no_request_started_after
     # at once (a stream lasts about a second here; finding them takes a good part of it).
     victim_pids = await asyncio.to_thread(tk.node_pids, victim, s["nodes"])
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        started: asyncio.Queue = asyncio.Queue()
-        streams = [asyncio.create_task(long_stream(session, gw.url, started)) for _ in range(6)]
-        while await asyncio.wait_for(started.get(), 60) != victim_replica:
-            pass  # kill the node while a stream on its replica is surely under way
-        killed_at = time.monotonic()
+        for attempt in range(3):
+            started: asyncio.Queue = asyncio.Queue()
+            streams = [asyncio.create_task(long_stream(session, gw.url, started)) for _ in range(6)]
+            while await asyncio.wait_for(started.get(), 60) != victim_replica:
+                pass
+            # The node freezes at a stream's first token on its replica, as a machine
+            # failure begins; the SIGKILL follows once this client sees that stream cut
+            # off midway. (On a busy machine this client can read the first token when
+            # the stream, under a second long here, is all but over: then thaw, retry.)
+            killed_at = time.monotonic()
+            processes.signal_all(victim_pids, signal.SIGSTOP)
+            if await stream_frozen_on(victim_replica, streams, started):
+                break
+            processes.signal_all(victim_pids, signal.SIGCONT)
+            await asyncio.gather(*streams)
+            await asyncio.to_thread(tk.wait_cluster_state, gw.control_port, "SERVING", 30)
+        else:
+            pytest.fail("no stream on the victim's replica was still under way when its node froze, 3 tries")
         assert not await asyncio.to_thread(processes.kill_now, victim_pids)
         ended = await asyncio.gather(*streams)
     await asyncio.sleep(12)
@@ -353,7 +380,7 @@ async def test_killing_a_replicas_node_under_load_loses_no_request_started_after
     on_victim = [how for rid, how, at in ended if rid == victim_replica and at > killed_at]
     elsewhere = [how for rid, how, at in ended if rid != victim_replica]
     broken = on_victim.count("error event")
-    print(f"streams when the node died: {len(on_victim)} on its replica ended with {on_victim}, "
+    print(f"streams when the node died (try {attempt + 1}): {len(on_victim)} on its replica ended with {on_victim}, "
           f"{len(elsewhere)} elsewhere with {elsewhere}; all: "
           f"{[(rid, how, round(at - killed_at, 2)) for rid, how, at in ended]}")
     assert broken >= 1 and all(how in ("error event", "done") for how in on_victim)
@@ -378,13 +405,15 @@ async def test_killing_a_replicas_node_under_load_loses_no_request_started_after
 @pytest.mark.chaos
 async def test_sigterm_under_load_finishes_in_flight_then_503_then_stopped(gw, chaos_report):
     stop = asyncio.Event()
-    load = asyncio.create_task(run_load(gw.url, stop, concurrency=4, max_tokens=400, stream=True))
-    # Signal while streams are surely in flight: two long ones, at their first token
-    # (signalling when the gateway merely counted some in flight once raced the load's
-    # streams to their end on a busy machine: the gateway had none left to drain).
+    load = asyncio.create_task(run_load(gw.url, stop, concurrency=4, max_tokens=400))
+    # Signal while streams are surely in flight: two long ones, at their first token.
+    # On this busy machine the client can read a first token most of a second late,
+    # and a one-choice stream is over in about a second (signalling once the gateway
+    # had counted some in flight, or at a one-choice stream's first token, left it
+    # none or one to drain): these carry 8 choices each, several seconds of work.
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
         started: asyncio.Queue = asyncio.Queue()
-        long_ones = [asyncio.create_task(long_stream(session, gw.url, started)) for _ in range(2)]
+        long_ones = [asyncio.create_task(long_stream(session, gw.url, started, n=8)) for _ in range(2)]
         for _ in long_ones:
             await asyncio.wait_for(started.get(), 60)
         signalled_at = time.monotonic()
