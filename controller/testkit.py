@@ -149,6 +149,17 @@ def node_pids(node: dict[str, Any], others: list[dict[str, Any]] = ()) -> set[in
     return processes.tree(roots, groups, exclude)
 
 
+def engine_core_pid(api_server_pid: int) -> int:
+    """vLLM's engine core: the child of the API server that generates tokens."""
+    for pid in processes.tree({api_server_pid}) - {api_server_pid}:
+        try:
+            if "EngineCore" in Path(f"/proc/{pid}/cmdline").read_text() + Path(f"/proc/{pid}/comm").read_text():
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no EngineCore process under {api_server_pid}")
+
+
 def kill_node(node: dict[str, Any], others: list[dict[str, Any]] = ()) -> set[int]:
     """SIGKILL every process of a node at once, as a machine failure would. Returns the pids.
 

@@ -7,7 +7,6 @@ import os
 import signal
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from openai import OpenAI
@@ -79,23 +78,12 @@ def test_killed_engine_degrades_then_restarts_to_serving(engine_cluster, chaos_r
     chaos_report(fault="engine process crash (SIGKILL)", detect_s=detect_s, recover_s=time.monotonic() - t0)
 
 
-def engine_core_pid(api_server_pid: int) -> int:
-    """vLLM's engine core: the child of the API server that generates tokens."""
-    for pid in processes.tree({api_server_pid}) - {api_server_pid}:
-        try:
-            if "EngineCore" in Path(f"/proc/{pid}/cmdline").read_text() + Path(f"/proc/{pid}/comm").read_text():
-                return pid
-        except OSError:
-            continue
-    raise AssertionError(f"no EngineCore process under {api_server_pid}")
-
-
 @pytest.mark.chaos
 def test_engine_alive_but_not_generating_is_caught_by_the_probe(engine_cluster, chaos_report):
     c = engine_cluster
     s = c.status()
     victim = next(r for r in s["replicas"] if r["node_id"] == "worker-127.0.0.4")
-    core = engine_core_pid(victim["pid"])
+    core = tk.engine_core_pid(victim["pid"])
     t0 = time.monotonic()
     os.kill(core, signal.SIGSTOP)  # the API server still answers /health; no token comes out
     try:
