@@ -139,6 +139,16 @@ def wait_cluster_state(control_port: int, state: str, timeout: float) -> dict[st
     return wait_for(check, timeout, what=f"cluster state {state}")
 
 
+def wait_every_node_state(control_port: int, state: str, timeout: float) -> dict[str, Any]:
+    """The cluster and every node /status lists in `state`. Workers follow the
+    cluster's state a moment after the head (they hear it by long-poll), so a
+    /status read just as the cluster turns can still show a worker's old state."""
+    def check():
+        s = status(control_port)
+        return s if s["cluster"]["state"] == state and all(n["state"] == state for n in s["nodes"]) else None
+    return wait_for(check, timeout, what=f"cluster and every node {state}")
+
+
 def node_pids(node: dict[str, Any], others: list[dict[str, Any]] = ()) -> set[int]:
     """All live processes of a node from its /status entry: controller, Ray group,
     descendants; never those of the `others` nodes (a head's local workers are

@@ -37,9 +37,10 @@ def test_worker_rejoins_a_new_head_under_a_new_epoch(tmp_path, chaos_report):
 
         restarted = time.monotonic()
         c.head = c.start(args, "head-2", c.control_port)
-        second = tk.wait_cluster_state(c.control_port, "SERVING", SERVING_TIMEOUT)
+        tk.wait_cluster_state(c.control_port, "SERVING", SERVING_TIMEOUT)
         chaos_report(fault="head node lost; a new head (new epoch), the worker rejoins", detect_s=detect_s,
                      recover_s=time.monotonic() - restarted)
+        second = tk.wait_every_node_state(c.control_port, "SERVING", 30)
         c.record()
         assert second["cluster"]["epoch"] == first["cluster"]["epoch"] + 1
         rejoined = next(n for n in second["nodes"] if n["role"] == "worker")

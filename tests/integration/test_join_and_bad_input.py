@@ -37,7 +37,7 @@ def test_worker_started_before_its_head_retries_and_joins(tmp_path):
                     60, what="two failed join attempts")
         c.head = c.start(head_args(c.ray_port, c.control_port, tmp_path / "state", "--node-ip-address", HEAD_IP,
                                    "--expected-workers", "1", "--ray-token-file", str(token)), "head", c.control_port)
-        s = tk.wait_cluster_state(c.control_port, "SERVING", SERVING_TIMEOUT)
+        s = tk.wait_every_node_state(c.control_port, "SERVING", SERVING_TIMEOUT)
         c.record()
         assert sorted((n["role"], n["state"]) for n in s["nodes"]) == [("head", "SERVING"), ("worker", "SERVING")]
         events = worker.events()
