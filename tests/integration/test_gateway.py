@@ -446,7 +446,8 @@ async def test_sigterm_under_load_finishes_in_flight_then_503_then_stopped(gw, c
     # A request sent within a moment after the signal may still beat the handler.
     events = gw.head.events()
     accepted = next(e["in_flight"] for e in events if e["event"] == "gateway_draining")
-    assert next(e["unfinished"] for e in events if e["event"] == "gateway_drained") == 0
+    unfinished = next(e["unfinished"] for e in events if e["event"] == "gateway_drained")
+    assert unfinished == 0
     handled_by = signalled_at + 0.2
     straddling = [r for r in results if r[2] < signalled_at <= r[3]]
     racing = [r for r in results if signalled_at <= r[2] < handled_by]
@@ -464,7 +465,7 @@ async def test_sigterm_under_load_finishes_in_flight_then_503_then_stopped(gw, c
     assert later and all(r[0] in (503, -1) for r in later) and any(r[0] == 503 for r in later)
     assert await asyncio.to_thread(gw.head.wait, 180) == 0
     chaos_report(fault="SIGTERM to the head under load", requests=len(results) + len(long_ended),
-                 failed=sum(1 for r in straddling if r[0] not in (200, 503)), lost=0)
+                 failed=sum(1 for r in straddling if r[0] not in (200, 503)), lost=unfinished)
     moves = tk.transitions(gw.head.events(), "head-127.0.0.2")
     assert moves[-1]["to"] == "STOPPED" and moves[-1]["trigger"] == "drained"
     await asyncio.to_thread(tk.wait_for, lambda: not gw.leftovers(), 30, what="no process of the test left")
