@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
-exec .venv/bin/python -m controller.quickstart "$@"
+exec .venv/bin/python -m controller.surface.quickstart "$@"

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controller import testkit as tk
+from controller import testing as tk
 
 HEAD_IP = "127.0.0.2"
 

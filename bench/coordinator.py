@@ -42,7 +42,7 @@ def rss_bytes(pid: int) -> int:
 async def one_size(members: int, heartbeat_seconds: float, epoch: int) -> dict:
     import ray
 
-    from controller.coordinator import CoordinatorClient
+    from controller.cluster.coordinator import CoordinatorClient
 
     node_id = ray.get_runtime_context().get_node_id()
     client = await CoordinatorClient.create_or_attach(epoch, node_id)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-seconds", type=float, default=10.0)
     parser.add_argument("--out", default="bench/results/coordinator.json")
     args = parser.parse_args(argv)
-    from controller.ray_adapter import NAMESPACE, prepare_driver_env
+    from controller.cluster.ray_adapter import NAMESPACE, prepare_driver_env
 
     prepare_driver_env()
     # A new local ray.init() cluster otherwise turns Ray's token auth on and writes

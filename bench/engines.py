@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from controller import processes, testkit as tk
+from controller import processes
+from controller import testing as tk
 
 
 def first_completion(control_port: int, t0: float, timeout: float = 600) -> float:

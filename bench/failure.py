@@ -2,7 +2,7 @@
 
 A cluster of two nodes (the head and one worker, one vLLM CPU engine each,
 the tiny model) takes an open-loop load (`bench/loadgen.py`). Then, per kill
-cycle: SIGKILL every process of the worker node at once (`testkit.kill_node`,
+cycle: SIGKILL every process of the worker node at once (`controller.testing.kill_node`,
 as a machine failure), wait for DEGRADED on `/status`, start a new worker
 (a new loopback address) and wait for SERVING, with the load running
 throughout. The timeline records when `/status` (polled every 100 ms) showed
@@ -41,7 +41,8 @@ import uvloop
 
 from bench import loadgen, output
 from bench.cluster import BenchCluster
-from controller import processes, testkit as tk
+from controller import processes
+from controller import testing as tk
 
 REQUEST_TIMEOUT_S = 120.0
 POLL_S = 0.1

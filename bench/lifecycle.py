@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from controller import processes, testkit as tk
+from controller import processes
+from controller import testing as tk
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -32,7 +32,7 @@ import uvloop
 
 from bench import loadgen, output
 from bench.cluster import BenchCluster
-from controller import tiny_model
+from controller.engines import tiny_model
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
 # vLLM's client as a module: `vllm bench serve` without the console script.

@@ -1,5 +1,5 @@
 import sys
 
-from controller.cli import main
+from controller.surface.cli import main
 
 sys.exit(main())

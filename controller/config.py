@@ -279,7 +279,7 @@ def load_config_with_sources(argv: list[str], environ: dict[str, str] | None = N
 def _apply_slurm(merged: dict[str, Any], sources: dict[str, str], environ: dict[str, str]) -> None:
     """--role auto: the role, the head's address and the worker count from the Slurm job;
     settings given explicitly are kept."""
-    from controller.slurm import derive  # imports this module
+    from controller.surface.slurm import derive  # imports this module
 
     slurm = derive(environ, merged["ray_port"])
     merged["role"], sources["role"] = slurm.role, "Slurm (SLURM_NODEID)"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.config import Config
-from controller.ray_adapter import available_memory, object_store_bytes, shm_size
+from controller.cluster.ray_adapter import available_memory, object_store_bytes, shm_size
 
 RAY_MIN_OBJECT_STORE = 78 * 1024 * 1024
 GB = 10**9

@@ -36,7 +36,7 @@ def test_the_sbatch_recipe_starts_a_head_on_node_0_and_workers_on_the_others(tmp
         # What each node's controller would run with (GPUs faked: sharded mode wants them).
         shown = subprocess.run([sys.executable, "-c", "import sys, controller.config as c; "
                                 "c.local_gpu_count = lambda environ=None: 2; "
-                                "from controller.cli import main; sys.exit(main(sys.argv[1:]))",
+                                "from controller.surface.cli import main; sys.exit(main(sys.argv[1:]))",
                                 *controller_args, "--print-config"],
                                env={**env, "SLURM_NODEID": node_id}, capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0, shown.stderr

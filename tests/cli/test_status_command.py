@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 from rich.console import Console
 
-from controller import status_command
+from controller.surface import status_command
 
 STATUS = {
     "cluster": {"state": "DEGRADED", "epoch": 4, "mode": "replicated", "engine": "vllm",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from controller import processes
-from controller import testkit as tk
+from controller import testing as tk
 
 HEAD_IP = "127.0.0.2"
 SERVING_TIMEOUT = 180

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from controller import processes, testkit as tk
+from controller import processes
+from controller import testing as tk
 
 from .conftest import HEAD_IP, SERVING_TIMEOUT, Cluster, head_args, serving_cluster, stop_cluster
 

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from controller import processes
-from controller import testkit as tk
+from controller import testing as tk
 
 from .conftest import HEAD_IP, SERVING_TIMEOUT
 

@@ -12,9 +12,10 @@ import stat
 import pytest
 from openai import OpenAI
 
-from controller import processes, testkit as tk
-from controller.engine import EngineFailed, EngineProcess, EngineSpec
-from controller.tiny_model import SERVED_NAME, ensure_tiny_model
+from controller import processes
+from controller import testing as tk
+from controller.engines.engine import EngineFailed, EngineProcess, EngineSpec
+from controller.engines.tiny_model import SERVED_NAME, ensure_tiny_model
 
 ENGINE_READY_TIMEOUT = 300
 ENGINE_IP = "127.0.0.3"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import socket
 
-from controller import testkit as tk
+from controller import testing as tk
 
 from .conftest import HEAD_IP, Cluster, head_args
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from openai import OpenAI
 
 from bench import sweep
-from controller import processes, testkit as tk
+from controller import processes
+from controller import testing as tk
 
 from .conftest import serving_cluster
 

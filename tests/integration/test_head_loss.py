@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from controller import testkit as tk
+from controller import testing as tk
 
 from .conftest import HEAD_IP, SERVING_TIMEOUT, Cluster, head_args, stop_cluster
 

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from controller import processes, testkit as tk
+from controller import processes
+from controller import testing as tk
 
 from .conftest import HEAD_IP, SERVING_TIMEOUT, Cluster, head_args, stop_cluster
 

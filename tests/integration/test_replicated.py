@@ -11,7 +11,8 @@ import urllib.request
 import pytest
 from openai import OpenAI
 
-from controller import processes, testkit as tk
+from controller import processes
+from controller import testing as tk
 
 from .conftest import serving_cluster, stop_cluster
 

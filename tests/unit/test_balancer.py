@@ -4,7 +4,7 @@ limits, and unhealthy marks."""
 import random
 from collections import Counter
 
-from controller.balancer import Pool
+from controller.serving.balancer import Pool
 
 
 def pool(*states: str, limit: int = 4) -> Pool:

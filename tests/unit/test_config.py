@@ -3,7 +3,7 @@
 import pytest
 
 from controller.config import ConfigError, load_config, load_config_with_sources, render_config
-from controller.ray_adapter import object_store_bytes
+from controller.cluster.ray_adapter import object_store_bytes
 
 
 def test_cli_beats_env_beats_file(tmp_path):

@@ -12,7 +12,7 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller import ray_token
+from controller.cluster import ray_token
 from controller.config import OPTIONS, ConfigError, load_config_with_sources, render_config
 from controller.preflight import PreflightError, local_checks
 

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from controller.coordinator import (
+from controller.cluster.coordinator import (
     HISTORY_SIZE,
     Coordinator,
     CoordinatorState,

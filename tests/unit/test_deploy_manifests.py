@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from controller import drain_command
+from controller.surface import drain_command
 from controller.config import load_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"

@@ -5,7 +5,7 @@ import asyncio
 
 from aiohttp import web
 
-from controller.gateway import Gateway
+from controller.serving.gateway import Gateway
 
 
 async def test_a_request_waits_for_a_free_slot_then_gets_one():
@@ -74,7 +74,7 @@ async def test_an_idle_replica_that_stops_answering_is_marked_within_an_interval
 
 
 def test_a_streams_token_count_comes_from_its_usage_event():
-    from controller.gateway import _stream_tokens
+    from controller.serving.gateway import _stream_tokens
 
     usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\ndata: [DONE]\n\n'
     assert _stream_tokens(b'data: {"choices":[{"text":"a"}],"usage":null}\n\n' + usage) == 5

@@ -17,6 +17,7 @@ def imported_modules(path: Path) -> set[str]:
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from pkg import module`
     return names
 
 
@@ -34,3 +35,11 @@ def test_layering_check_catches_a_forbidden_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import subprocess\nfrom ray.util import x\n")
     assert {"subprocess", "ray.util"} <= imported_modules(bad)
+
+
+def test_the_product_never_imports_the_test_kit():
+    root = Path(states.__file__).parent.parent / "controller"
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "testing.py":
+            continue
+        assert "controller.testing" not in imported_modules(path), f"{path} imports the test kit"

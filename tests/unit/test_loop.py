@@ -3,7 +3,7 @@
 import pytest
 from structlog.testing import capture_logs
 
-from controller.loop import Board, NodeLoop
+from controller.lifecycle.loop import Board, NodeLoop
 from states import Limits, Role, State
 
 S = State
@@ -200,7 +200,7 @@ async def test_failing_ensure_does_not_kill_the_loop():
 async def test_a_failing_monitor_backs_off_instead_of_spinning():
     import asyncio
 
-    from controller.tasks import every
+    from controller.lifecycle.tasks import every
 
     calls = []
 

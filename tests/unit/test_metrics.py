@@ -3,8 +3,8 @@ that only grow even when the totals they are read from start afresh."""
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.loop import Board
-from controller.metrics import Metrics
+from controller.lifecycle.loop import Board
+from controller.surface.metrics import Metrics
 
 
 def samples(m: Metrics) -> dict:

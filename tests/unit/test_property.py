@@ -5,7 +5,7 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.loop import Board, NodeLoop
+from controller.lifecycle.loop import Board, NodeLoop
 from states import Limits, Role, State, next_state
 
 EVENTS = st.one_of(

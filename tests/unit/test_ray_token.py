@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from controller import ray_token
+from controller.cluster import ray_token
 from controller.config import ConfigError, load_config
 
 

@@ -1,6 +1,6 @@
 """The head's readiness rule for replicas, without Ray."""
 
-from controller.replicas import ReplicaSet, choose_nodes
+from controller.engines.replicas import ReplicaSet, choose_nodes
 
 
 def with_states(states: dict[str, str], ever_ready=()) -> ReplicaSet:
@@ -48,7 +48,7 @@ def test_choose_nodes_keeps_replicas_then_head_first():
 
 
 def test_engines_of_a_one_machine_cluster_get_their_own_cores():
-    from controller.replicas import one_machine_cpu_binding
+    from controller.engines.replicas import one_machine_cpu_binding
 
     bind = one_machine_cpu_binding(["127.0.0.2", "127.0.0.3", "127.0.0.4"], [0, 1])
     assert [bind[a]["VLLM_CPU_OMP_THREADS_BIND"] for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")] == ["0", "1", "0"]

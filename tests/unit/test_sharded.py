@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from controller.engine import vllm_command
-from controller.sharded import REPLICA_ID, Action, ShardedEngine, next_action, sharded_spec
+from controller.engines.engine import vllm_command
+from controller.engines.sharded import REPLICA_ID, Action, ShardedEngine, next_action, sharded_spec
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (4, 2), (8, 4)])
@@ -28,7 +28,7 @@ def test_command_and_environment_for_each_layout(tp, pp):
 
 
 def test_engine_environment_drops_the_controllers_driver_settings(monkeypatch):
-    from controller.ray_adapter import _DRIVER_ENV, child_env
+    from controller.cluster.ray_adapter import _DRIVER_ENV, child_env
 
     monkeypatch.setenv("RAY_ENABLE_AUTO_CONNECT", "0")
     spec = sharded_spec("m", "m", "10.0.0.1", 8001, 2, 2, "10.0.0.1:6379")

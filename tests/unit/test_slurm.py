@@ -3,7 +3,7 @@
 import pytest
 
 from controller.config import ConfigError, load_config_with_sources
-from controller.slurm import derive, expand_nodelist
+from controller.surface.slurm import derive, expand_nodelist
 
 
 @pytest.mark.parametrize("text,hosts", [

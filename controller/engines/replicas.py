@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from controller.engine import DEFAULT_ENGINE_ENV
+from controller.engines.engine import DEFAULT_ENGINE_ENV
 from controller.logs import log
 
 # Replica states in which the replica serves.
@@ -66,8 +66,8 @@ class ReplicaSet:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from controller.ray_adapter import NAMESPACE
-        from controller.replica import ReplicaActor
+        from controller.cluster.ray_adapter import NAMESPACE
+        from controller.engines.replica import ReplicaActor
 
         live = {m["node_id"]: m for m in members}
         for node_id in list(self.handles):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.engine import EngineSpec, free_port
+from controller.engines.engine import EngineSpec, free_port
 from controller.logs import bind_node, configure_logging
 from controller.preflight import model_problem
-from controller.supervisor import EngineSupervisor
+from controller.engines.supervisor import EngineSupervisor
 
 # The tiny model is made for short prompts; a smaller context also keeps the
 # CPU engine's start-up and memory down.
@@ -49,7 +49,7 @@ class ReplicaActor:
         """Done on the replica's node: the model path and the port are the node's."""
         args = dict(self.spec_args)
         if args["model"] == "tiny":
-            from controller.tiny_model import ensure_tiny_model
+            from controller.engines.tiny_model import ensure_tiny_model
 
             args["model"] = str(ensure_tiny_model())
             args.setdefault("max_model_len", TINY_MAX_MODEL_LEN)

@@ -6,7 +6,7 @@ spot on generated text. Made once into a cache directory (mode 0700) and reused;
 the directory is written under a temporary name and renamed, so a crash never
 leaves a half-made model behind.
 
-    python -m controller.tiny_model [--dir DIR]   # prints the model's path
+    python -m controller.engines.tiny_model [--dir DIR]   # prints the model's path
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m controller.tiny_model", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m controller.engines.tiny_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=None, help="cache directory (default: ~/.cache/llm-controller/models)")
     args = parser.parse_args(argv)

@@ -10,22 +10,23 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from controller import processes, ray_token
+from controller import processes
+from controller.cluster import ray_token
 from controller.config import Config
-from controller.coordinator import ACTOR_NAME, CoordinatorClient, iso_now
-from controller.local_cluster import LocalWorkers
+from controller.cluster.coordinator import ACTOR_NAME, CoordinatorClient, iso_now
+from controller.cluster.local_cluster import LocalWorkers
 from controller.logs import log
-from controller.loop import Board
-from controller.monitors import GONE_STATES, ClusterMonitor, GcsCliMonitor
-from controller.node import NodeBase
-from controller.engine import EngineSpec, free_port
-from controller.gateway import Gateway
-from controller.metrics import Metrics
-from controller.replicas import ReplicaSet, one_machine_cpu_binding
-from controller.sharded import REPLICA_ID as SHARDED_ID
-from controller.sharded import ShardedEngine, sharded_spec
-from controller.supervisor import EngineSupervisor
-from controller.ray_adapter import (
+from controller.lifecycle.loop import Board
+from controller.cluster.monitors import GONE_STATES, ClusterMonitor, GcsCliMonitor
+from controller.lifecycle.node import NodeBase
+from controller.engines.engine import EngineSpec, free_port
+from controller.serving.gateway import Gateway
+from controller.surface.metrics import Metrics
+from controller.engines.replicas import ReplicaSet, one_machine_cpu_binding
+from controller.engines.sharded import REPLICA_ID as SHARDED_ID
+from controller.engines.sharded import ShardedEngine, sharded_spec
+from controller.engines.supervisor import EngineSupervisor
+from controller.cluster.ray_adapter import (
     HEALTH_CHECK_PRESETS,
     RayError,
     available_memory,
@@ -33,7 +34,7 @@ from controller.ray_adapter import (
     port_free,
     shm_size,
 )
-from controller.tasks import every
+from controller.lifecycle.tasks import every
 from states import Moved, Observation, State
 
 RAY_START_TIMEOUT = 60.0
@@ -451,7 +452,7 @@ class HeadNode(NodeBase):
         host = self.address or "127.0.0.1"
         model = cfg.model or "tiny"
         if model == "tiny":
-            from controller.tiny_model import ensure_tiny_model
+            from controller.engines.tiny_model import ensure_tiny_model
 
             model = str(ensure_tiny_model())
         return sharded_spec(model, served_name(cfg.model), host, cfg.engine_port or free_port(host),

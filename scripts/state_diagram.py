@@ -5,8 +5,8 @@ no Graphviz needed); the PNG is drawn from the same tables with matplotlib.
 `docs/state-diagram.md` and `docs/state-diagram-{head,worker}.png` are these
 outputs, committed; a test fails when they and the tables disagree.
 
-    python -m states.diagram            # rewrite the docs from the tables
-    python -m states.diagram --check    # exit 1 when the committed Markdown is stale
+    python scripts/state_diagram.py            # rewrite the docs from the tables
+    python scripts/state_diagram.py --check    # exit 1 when the committed Markdown is stale
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from transitions.extensions.diagrams import GraphMachine
 
-from states.lifecycle import Role, State, Trigger, table_for
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from states.lifecycle import Role, State, Trigger, table_for  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MARKDOWN = DOCS / "state-diagram.md"
@@ -53,7 +54,7 @@ def mermaid(role: Role) -> str:
 
 def markdown() -> str:
     parts = ["# Lifecycle state diagrams\n\n",
-             "Generated from the transition tables in `states/lifecycle.py` by `python -m states.diagram`; "
+             "Generated from the transition tables in `states/lifecycle.py` by `python scripts/state_diagram.py`; "
              "do not edit by hand (a test compares this file with the tables).\n"]
     for role in Role:
         parts.append(f"\n## {role.value}\n\n![{role.value} lifecycle](state-diagram-{role.value}.png)\n\n"
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         if not MARKDOWN.exists() or MARKDOWN.read_text() != markdown():
-            print(f"{MARKDOWN} disagrees with states/lifecycle.py: run python -m states.diagram", file=sys.stderr)
+            print(f"{MARKDOWN} disagrees with states/lifecycle.py: run python scripts/state_diagram.py", file=sys.stderr)
             return 1
         return 0
     DOCS.mkdir(exist_ok=True)

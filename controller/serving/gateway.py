@@ -24,9 +24,9 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
-from controller.balancer import Pool, Replica
+from controller.serving.balancer import Pool, Replica
 from controller.logs import log
-from controller.metrics import Metrics
+from controller.surface.metrics import Metrics
 
 POST_ROUTES = ("/v1/completions", "/v1/chat/completions")
 RETRY_AFTER_S = "1"

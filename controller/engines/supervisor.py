@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from controller.engine import EngineFailed, EngineProcess, EngineSpec
+from controller.engines.engine import EngineFailed, EngineProcess, EngineSpec
 from controller.logs import log
 
 READY, FAILED, STOPPED = "READY", "FAILED", "STOPPED"

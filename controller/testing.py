@@ -1,5 +1,6 @@
 """Test kit: start controllers as real processes, read their status and logs,
-and kill a node the way a machine failure would. Used by tests and bench/.
+and kill a node the way a machine failure would. Used by tests and bench/; the
+product never imports it (tests/unit/test_layering.py checks).
 
 A node is killed as a whole: its controller pid, the process group of its Ray
 daemons (`ray_pgid` in /status) and every descendant of those.
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from controller import processes
-from controller.engine import free_port  # noqa: F401  (re-exported for tests)
+from controller.engines.engine import free_port  # noqa: F401  (re-exported for tests)
+from controller.surface.client import (  # noqa: F401  (re-exported for tests)
+    complete, get_json, metrics, status, wait_cluster_state, wait_for)
 
 
 @dataclass
@@ -82,61 +85,6 @@ def read_events(log_path: Path) -> list[dict[str, Any]]:
 def transitions(events: list[dict[str, Any]], node_id: str | None = None) -> list[dict[str, Any]]:
     return [e for e in events if e.get("event") == "transition"
             and (node_id is None or e.get("node_id") == node_id)]
-
-
-def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-
-
-def complete(base_url: str, prompt: str, max_tokens: int, model: str = "tiny",
-             timeout: float = 60.0) -> dict[str, Any]:
-    """POST /v1/completions to an OpenAI-compatible server; the parsed answer."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    request = urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def status(control_port: int, host: str = "127.0.0.1") -> dict[str, Any]:
-    return get_json(f"http://{host}:{control_port}/status")[1]
-
-
-def metrics(control_port: int, host: str = "127.0.0.1") -> dict[tuple[str, frozenset], float]:
-    """/metrics parsed: {(sample name, frozenset of label items): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://{host}:{control_port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.5,
-             what: str = "condition") -> Any:
-    """Poll `predicate` until it returns a truthy value; raise TimeoutError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except (OSError, ValueError, KeyError) as exc:
-            last_error = exc
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout:g}s (last error: {last_error})")
-
-
-def wait_cluster_state(control_port: int, state: str, timeout: float) -> dict[str, Any]:
-    def check():
-        s = status(control_port)
-        return s if s["cluster"]["state"] == state else None
-    return wait_for(check, timeout, what=f"cluster state {state}")
 
 
 def wait_every_node_state(control_port: int, state: str, timeout: float) -> dict[str, Any]:

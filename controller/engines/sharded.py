@@ -18,10 +18,10 @@ from __future__ import annotations
 import enum
 from typing import Any, Callable
 
-from controller.engine import EngineSpec
+from controller.engines.engine import EngineSpec
 from controller.logs import log
 from controller.preflight import gpu_fit_problem
-from controller.supervisor import FAILED, READY, EngineSupervisor
+from controller.engines.supervisor import FAILED, READY, EngineSupervisor
 
 REPLICA_ID = "sharded-engine"
 

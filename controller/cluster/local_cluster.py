@@ -16,7 +16,7 @@ from typing import Any
 from controller import processes
 from controller.config import ENV_PREFIX, Config
 from controller.logs import log
-from controller.ray_adapter import child_env
+from controller.cluster.ray_adapter import child_env
 
 
 def local_worker_addresses(head_ip: str, count: int) -> list[str]:

@@ -15,15 +15,15 @@ import sys
 
 import uvloop
 
-from controller import ray_token
+from controller.cluster import ray_token
 from controller.config import Config, ConfigError, load_config_with_sources, render_config
-from controller.control_server import ControlServer
-from controller.head import HeadNode
+from controller.surface.control_server import ControlServer
+from controller.lifecycle.head import HeadNode
 from controller.logs import bind_node, configure_logging, log
-from controller.loop import Board, NodeLoop
+from controller.lifecycle.loop import Board, NodeLoop
 from controller.preflight import PreflightError, local_checks
-from controller.ray_adapter import prepare_driver_env
-from controller.worker import WorkerNode
+from controller.cluster.ray_adapter import prepare_driver_env
+from controller.lifecycle.worker import WorkerNode
 from states import Limits, Role
 
 EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
@@ -111,11 +111,11 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
-        from controller import status_command  # rich is only needed here
+        from controller.surface import status_command  # rich is only needed here
 
         return status_command.main(argv[1:])
     if argv[:1] == ["drain"]:
-        from controller import drain_command
+        from controller.surface import drain_command
 
         return drain_command.main(argv[1:])
     try:

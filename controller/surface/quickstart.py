@@ -3,7 +3,7 @@ replica per node serving the tiny model (made on the spot), an OpenAI-compatible
 completion answered through the gateway, the status table and the metrics
 printed, then a clean drain and stop (or `--stay` to keep it up).
 
-    python -m controller.quickstart [--stay] [--local-workers N] [--engine none] [head flags...]
+    python -m controller.surface.quickstart [--stay] [--local-workers N] [--engine none] [head flags...]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 
-from controller import testkit as tk
+from controller.surface import client as tk
 
 SERVING_TIMEOUT_S = 600
 
@@ -24,7 +24,7 @@ def print_status(status: dict, control_port: int) -> None:
     """The status table (as `python -m controller status` shows it) and the metrics."""
     from rich.console import Console
 
-    from controller import status_command
+    from controller.surface import status_command
 
     address = f"127.0.0.1:{control_port}"
     print(f"\n$ python -m controller status --control-address {address}")
@@ -49,7 +49,7 @@ def answer_one_completion(serve_port: int, t0: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m controller.quickstart", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m controller.surface.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stay", action="store_true", help="keep the cluster up until Ctrl-C")
     parser.add_argument("--local-workers", type=int, default=2)

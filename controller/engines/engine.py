@@ -20,7 +20,7 @@ import aiohttp
 
 from controller import processes
 from controller.logs import log
-from controller.ray_adapter import child_env, port_free
+from controller.cluster.ray_adapter import child_env, port_free
 
 # vLLM's CPU build reserves this many GiB of KV cache per engine (its default is
 # far larger than a tiny model on a shared 2-core machine needs).

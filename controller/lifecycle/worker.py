@@ -14,13 +14,13 @@ from tenacity import (
     wait_fixed,
 )
 
-from controller import ray_token
-from controller.coordinator import CoordinatorClient, Refused, iso_now
+from controller.cluster import ray_token
+from controller.cluster.coordinator import CoordinatorClient, Refused, iso_now
 from controller.logs import log
-from controller.monitors import CoordinatorWatch, GcsCliMonitor
-from controller.node import NodeBase
-from controller.ray_adapter import RayError, tcp_answers
-from controller.tasks import every
+from controller.cluster.monitors import CoordinatorWatch, GcsCliMonitor
+from controller.lifecycle.node import NodeBase
+from controller.cluster.ray_adapter import RayError, tcp_answers
+from controller.lifecycle.tasks import every
 from states import Moved, Observation, State
 
 LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)

@@ -9,11 +9,11 @@ import platform
 from typing import Any
 
 from controller.config import Config
-from controller.coordinator import CoordinatorClient
+from controller.cluster.coordinator import CoordinatorClient
 from controller.logs import log
-from controller.loop import Board
-from controller.ray_adapter import RayAdapter
-from controller.tasks import TaskSet
+from controller.lifecycle.loop import Board
+from controller.cluster.ray_adapter import RayAdapter
+from controller.lifecycle.tasks import TaskSet
 from states import Moved, State
 
 

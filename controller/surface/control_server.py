@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from controller.logs import log
-from controller.metrics import CONTENT_TYPE
+from controller.surface.metrics import CONTENT_TYPE
 from states import State
 
 class ControlServer:

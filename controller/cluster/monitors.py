@@ -8,10 +8,10 @@ import time
 from datetime import datetime
 from typing import Any
 
-from controller.coordinator import CoordinatorClient, StaleEpoch
+from controller.cluster.coordinator import CoordinatorClient, StaleEpoch
 from controller.logs import log
-from controller.loop import Board
-from controller.ray_adapter import RayAdapter
+from controller.lifecycle.loop import Board
+from controller.cluster.ray_adapter import RayAdapter
 from states import State
 
 # Members that no longer count as serving capacity.

@@ -259,7 +259,7 @@ class CoordinatorClient:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from controller.ray_adapter import NAMESPACE
+        from controller.cluster.ray_adapter import NAMESPACE
 
         actor_cls = ray.remote(Coordinator)
         handle = actor_cls.options(
@@ -282,7 +282,7 @@ class CoordinatorClient:
         """Find the running coordinator (workers). Raises LookupError when there is none."""
         import ray
 
-        from controller.ray_adapter import NAMESPACE
+        from controller.cluster.ray_adapter import NAMESPACE
 
         def _get():
             return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
