@@ -94,7 +94,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("health_cli_interval", float, 60.0, "seconds between `ray health-check` runs"),
     Option("failure_threshold", int, 3, "consecutive failed health checks before DEGRADED"),
     Option("tick_interval", float, 1.0, "seconds between reconcile ticks"),
-    Option("state_dir", str, None, "where the head keeps its cluster epoch and its Ray token"),
+    Option("state_dir", str, None, "where the head keeps its cluster epoch and its Ray token; an absolute "
+           "path, $HOME/.cache/llm-controller when unset"),
     Option("ray_auth", str, "token", "Ray token authentication ('none': off on every node)", ("token", "none")),
     Option("ray_token_file", str, None, "file holding the cluster's Ray token (workers: required unless "
            "LLMCTL_RAY_TOKEN; the head makes STATE_DIR/ray-auth-token when given none)"),
@@ -370,8 +371,16 @@ def _validate(v: dict[str, Any]) -> Config:
     _validate_engine(v)
     if v["node_id"] is None:
         v["node_id"] = f"{role}-{v['node_ip_address'] or socket.gethostname()}"
-    if v["state_dir"] is None:
+    derived = v["state_dir"] is None
+    if derived:
         v["state_dir"] = str(Path(environ_home()) / ".cache" / "llm-controller")
+    # The head writes its epoch and Ray token there: a relative path would land
+    # wherever the controller happens to be started (a checkout, for one).
+    if not Path(v["state_dir"]).is_absolute():
+        raise ConfigError(f"state-dir must be an absolute path, got {v['state_dir']!r}"
+                          + (" (the default, from HOME)" if derived else ""))
+    if "\x00" in v["state_dir"]:
+        raise ConfigError(f"state-dir must not contain a NUL character, got {v['state_dir']!r}")
     return Config(**v)
 
 

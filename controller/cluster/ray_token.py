@@ -14,6 +14,11 @@ Where the token comes from, first match wins:
   mode 0600) and reused afterwards, so a restarted head controller keeps
   talking to its live Ray head. Workers then need that file's content.
 
+`resolve()` only decides: it reads a given token file but writes nothing, so
+loading or printing a configuration leaves no file behind. The head's own file
+is made by `ensure_head_token()`, which `main()` runs once the node really
+starts, right before `apply()`.
+
 A worker without a token is a configuration error (exit 2); a worker with a
 wrong one is refused by Ray, and the controller says so and does not retry.
 `--ray-auth none` turns it off (RAY_AUTH_MODE=disabled, set explicitly so that
@@ -39,6 +44,7 @@ class RayAuth:
     mode: str                  # "token" or "none"
     source: str                # where the token came from, for the log; never the token
     env: dict[str, str]        # what the controller's process (and so its children) gets
+    head_token: str | None = None  # the head's own token file, made at start-up by ensure_head_token()
 
 
 def head_token_path(state_dir: str) -> Path:
@@ -57,20 +63,6 @@ def _read_token_file(path: str) -> str:
     return token
 
 
-def _make_head_token(state_dir: str) -> Path:
-    """The head's own token file: made once (0600, in a 0700 folder), then reused."""
-    path = head_token_path(state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        _read_token_file(str(path))
-        return path
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    return path
-
-
 def resolve(config: Config) -> RayAuth:
     """Decide the Ray auth settings for this node; ConfigError when a worker has no token."""
     if config.ray_auth == "none":
@@ -83,12 +75,34 @@ def resolve(config: Config) -> RayAuth:
         return RayAuth("token", "environment LLMCTL_RAY_TOKEN",
                        {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": config.ray_token.strip()})
     if config.role == "head":
-        path = str(_make_head_token(config.state_dir).resolve())
-        return RayAuth("token", f"file {path} (the head's own)", {"RAY_AUTH_MODE": "token",
-                                                                     "RAY_AUTH_TOKEN_PATH": path})
+        path = str(head_token_path(config.state_dir))  # the state dir is absolute (config validation)
+        return RayAuth("token", f"file {path} (the head's own)",
+                       {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": path}, head_token=path)
     raise ConfigError(
         "a worker needs the cluster's Ray token: --ray-token-file PATH or LLMCTL_RAY_TOKEN "
         f"(the head keeps it in its state dir, {TOKEN_FILE_NAME}); or --ray-auth none on every node")
+
+
+def ensure_head_token(auth: RayAuth) -> None:
+    """The head's start-up step: make its own token file once (random, 0600, in a
+    0700 folder), or check the one a previous start made; nothing for other sources.
+    ConfigError when the file cannot be made or is unusable."""
+    if auth.head_token is None:
+        return
+    path = Path(auth.head_token)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:  # FileExistsError too: the state dir is a file
+        raise ConfigError(f"cannot make the state dir {path.parent}: {exc.strerror or exc}") from None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # made by an earlier start: reused, so the live Ray head still accepts us
+        _read_token_file(str(path))
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot make the head's Ray token file {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
 
 
 def apply(auth: RayAuth) -> None:

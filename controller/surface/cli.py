@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             print(render_config(config, sources), end="")
             return EXIT_OK
         local_checks(config)
-        auth = ray_token.resolve(config)
+        auth = ray_token.resolve(config)  # decides only: loading and --print-config write nothing
+        ray_token.ensure_head_token(auth)  # the node starts now: the head makes its token file if missing
     except ConfigError as exc:
         return fail(str(exc), EXIT_CONFIG)
     except PreflightError as exc:

@@ -112,3 +112,44 @@ def test_print_config_says_where_each_value_came_from_and_masks_secrets(tmp_path
 def test_flags_are_never_abbreviated():
     with pytest.raises(ConfigError, match="unrecognized arguments: --print"):
         load_config(["--role", "head", "--print"], {})
+
+
+@pytest.mark.parametrize("where", ["command line", "environment", "config file"])
+@pytest.mark.parametrize("state_dir", ["state", "./state", "0", "~/state", ""])
+def test_a_relative_state_dir_is_one_clear_error(tmp_path, monkeypatch, where, state_dir):
+    # The head writes its epoch and Ray token there; relative, they would land in whatever the
+    # working directory is (a checkout: that is how ray-auth-token files got committed).
+    monkeypatch.chdir(tmp_path)
+    argv, env = ["--role", "head", "--engine", "none"], {}
+    if where == "command line":
+        argv += ["--state-dir", state_dir]
+    elif where == "environment":
+        env["LLMCTL_STATE_DIR"] = state_dir or "."  # an empty variable means unset
+        state_dir = state_dir or "."
+    else:
+        (tmp_path / "c.toml").write_text(f'state-dir = "{state_dir}"\n')
+        argv += ["--config", str(tmp_path / "c.toml")]
+    with pytest.raises(ConfigError) as err:
+        load_config(argv, env)
+    assert str(err.value) == f"state-dir must be an absolute path, got {state_dir!r}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["c.toml"] if where == "config file" else [])
+
+
+def test_the_default_state_dir_is_absolute_and_a_relative_home_is_refused(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert load_config(["--role", "head", "--engine", "none"], {}).state_dir == "/home/someone/.cache/llm-controller"
+    monkeypatch.setenv("HOME", "someone")
+    with pytest.raises(ConfigError) as err:
+        load_config(["--role", "head", "--engine", "none"], {})
+    assert str(err.value) == ("state-dir must be an absolute path, got 'someone/.cache/llm-controller' "
+                              "(the default, from HOME)")
+
+
+def test_loading_a_config_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = tmp_path / "state"
+    for argv in (["--role", "head", "--engine", "none"], ["--role", "head", "--local-workers", "2"],
+                 ["--role", "worker", "--head-address", "h:1"]):
+        config, sources = load_config_with_sources([*argv, "--state-dir", str(state)], {})
+        render_config(config, sources)  # what --print-config shows
+    assert list(tmp_path.iterdir()) == []

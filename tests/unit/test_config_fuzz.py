@@ -1,7 +1,7 @@
 """Hostile configuration, property-based: whatever the flags, environment and
 config file say, loading either gives a valid Config or raises ConfigError with
 one line, and so do the pre-flight checks and the Ray token after it; never
-another exception. (The CLI's exit code and its single stderr
+another exception, and no file written. (The CLI's exit code and its single stderr
 line for such input: tests/cli/test_cli_fuzz.py.)"""
 
 from __future__ import annotations
@@ -63,13 +63,16 @@ def test_any_input_is_a_config_or_one_clear_line(tmp_path_factory, args, env, fi
             path.write_text("\n".join(f"{k} = {_toml(v)}" for k, v in file_items.items()) + "\n")
         args = ["--config", str(path), *args]
     env = {**env, "LLMCTL_STATE_DIR": str(tmp / "state")}
-    # A fuzzed --state-dir may be relative ("0"): the head's token would land there.
+    # A fuzzed --state-dir may be relative ("0"): it is refused (ConfigError). Run from the
+    # temporary folder all the same, so that a stray write lands there, not in the checkout,
+    # and the check below sees it: loading and resolving write nothing, not even the state dir.
     here = os.getcwd()
     os.chdir(tmp)
     try:
         _check(args, env)
     finally:
         os.chdir(here)
+    assert sorted(p.name for p in tmp.iterdir()) == (["c.toml"] if file_items or raw_file is not None else [])
 
 
 def _check(args, env) -> None:
@@ -80,6 +83,7 @@ def _check(args, env) -> None:
         assert message and "\n" not in message and "Traceback" not in message
         return
     assert config.role in ("head", "worker")
+    assert os.path.isabs(config.state_dir)  # a relative one is a ConfigError
     # What the CLI runs next, before it starts anything: pre-flight and the Ray token.
     try:
         local_checks(config)
