@@ -20,9 +20,12 @@ sent before it must all complete (goal: 0 lost), later ones are refused
 
     python -m bench.failure [--kills 3] [--ray-kills 1] [--rate 4] [--max-tokens 16] [--out bench/results/failure.json]
 
-Writes the JSON (every sample, every timeline), a Markdown summary beside it,
-and one PNG timeline per run. Talks to loopback only; every cluster it starts
-is stopped by pid and group.
+    python -m bench.failure --replot bench/results/raw/failure.json.gz   # files again from the raw samples
+
+Writes every sample to raw/NAME.json.gz beside `--out` (git-ignored), the
+figures and timelines without the samples to `--out`, a Markdown summary
+beside it, and one PNG timeline per run. Talks to loopback only; every cluster
+it starts is stopped by pid and group.
 """
 
 from __future__ import annotations
@@ -302,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-drain", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="bench/results/failure.json")
+    parser.add_argument("--replot", metavar="RAW.json.gz",
+                        help="run nothing: write the JSON, the Markdown and the plots again from a raw file")
     args = parser.parse_args(argv)
+    if args.replot:
+        return write_files(output.read_raw(args.replot), Path(args.out), raw=args.replot)
     if not 1 <= args.kills <= len(NEW_WORKER_IPS) or not 0 <= args.ray_kills <= len(NEW_WORKER_IPS):
         parser.error(f"--kills must be 1 to {len(NEW_WORKER_IPS)}, --ray-kills 0 to {len(NEW_WORKER_IPS)}")
     if args.rate <= 0 or args.max_tokens < 1 or args.steady <= 0:
@@ -328,7 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         "failed_after_detection": sum(c["failed"]["sent_after_detection"] for c in ctl + ray),
         "drain_lost": result["presets"]["controller"].get("drain", {}).get("lost"),
     }
-    out = Path(args.out)
+    return write_files(result, Path(args.out))
+
+
+def write_files(result: dict[str, Any], out: Path, raw: str | Path | None = None) -> int:
+    """The plots, the Markdown, the JSON without samples and (unless `raw` names the
+    one these came from) the raw samples."""
     plots = []
     for preset, run in result["presets"].items():
         for i, c in enumerate(run["cycles"], 1):
@@ -337,9 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         if run.get("drain"):
             plots.append(plot(out.with_name(f"{out.stem}-drain.png"), run["drain"], "SIGTERM to the head under load"))
     md_text = markdown(result, plots)
-    json_path, md_path = output.write(out, result, md_text)
+    json_path, md_path, raw_path = output.write_results(out, result, md_text, raw)
     print("\n" + md_text)
-    print(f"raw results: {json_path}; summary: {md_path}")
+    print(f"results: {json_path}; summary: {md_path}; raw samples: {raw_path}")
     return 0
 
 

@@ -8,7 +8,12 @@ both, and what the gateway adds.
     python -m bench.gateway [--rate 4] [--duration 60] [--max-tokens 8] [--out bench/results/gateway.json]
     python -m bench.gateway --gateway-url URL --replica-url URL [--api-key KEY]   # a running cluster
 
-Talks to loopback only; the cluster it starts is stopped by pid and group.
+    python -m bench.gateway --replot bench/results/raw/gateway.json.gz   # files again from the raw samples
+
+Writes every sample to raw/NAME.json.gz beside `--out` (git-ignored), the
+figures without the samples to `--out`, a Markdown table beside it and both
+paths' latency CDFs (PNG). Talks to loopback only; the cluster it starts is
+stopped by pid and group.
 """
 
 from __future__ import annotations
@@ -88,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replica-url")
     parser.add_argument("--api-key")
     parser.add_argument("--out", default="bench/results/gateway.json")
+    parser.add_argument("--replot", metavar="RAW.json.gz",
+                        help="run nothing: write the JSON, the Markdown and the plot again from a raw file")
     args = parser.parse_args(argv)
+    if args.replot:
+        return write_files(output.read_raw(args.replot), Path(args.out), raw=args.replot)
     config = {k: v for k, v in vars(args).items() if k != "api_key"}
     if args.gateway_url and args.replica_url:
         result = uvloop.run(measure(args.gateway_url, args.replica_url, args))
@@ -99,15 +108,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cluster SERVING; replica {replica}, gateway {c.gateway_url}", flush=True)
             result = uvloop.run(measure(c.gateway_url, replica, args))
     result = {"config": config, "environment": output.environment(), **result}
-    out = Path(args.out)
+    return write_files(result, Path(args.out))
+
+
+def write_files(result: dict, out: Path, raw: str | Path | None = None) -> int:
+    """The plot, the Markdown, the JSON without samples and (unless `raw` names the
+    one these came from) the raw samples."""
     cdf = output.plot_cdf(out.with_name(out.stem + "-cdf.png"),
                           {t: [x["latency"] for x in result["samples"] if x["target"] == t and x["status"] == 200]
                            for t in ("direct", "gateway")},
                           "End-to-end latency: straight to the replica vs through the gateway", "latency (ms)")
     md_text = markdown(result)
-    json_path, md_path = output.write(out, result, md_text)
+    json_path, md_path, raw_path = output.write_results(out, result, md_text, raw)
     print("\n" + md_text)
-    print(f"raw results: {json_path}; summary: {md_path}; plot: {cdf}")
+    print(f"results: {json_path}; summary: {md_path}; plot: {cdf}; raw samples: {raw_path}")
     return 0
 
 

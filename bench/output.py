@@ -1,5 +1,12 @@
-"""What every benchmark writes: a JSON result (config, environment, raw
-samples), a Markdown summary next to it, and PNG plots.
+"""What every benchmark writes: a JSON result (config, environment, figures),
+a Markdown summary next to it, and PNG plots.
+
+The load benchmarks (sweep, failure, gateway) record every request; those
+samples go to a gzip file of their own, `raw/NAME.json.gz` beside the JSON
+(git ignores `bench/results/raw/`), and the JSON beside the Markdown keeps the
+figures only (percentiles per run, no per-request sample): `write_results()`.
+Each of them redraws its plots, Markdown and JSON from the raw file with
+`--replot RAW.json.gz`.
 
 The plots use matplotlib's file-only backend (no display needed); matplotlib
 is in the `bench` extra that `scripts/setup.sh` installs.
@@ -7,6 +14,7 @@ is in the `bench` extra that `scripts/setup.sh` installs.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
@@ -46,6 +54,52 @@ def write(out: str | Path, result: dict[str, Any], markdown: str) -> tuple[Path,
     return out, md
 
 
+def raw_path(out: str | Path) -> Path:
+    """Where the raw samples of the result at `out` go: raw/NAME.json.gz beside it."""
+    out = Path(out)
+    return out.parent / "raw" / f"{out.stem}.json.gz"
+
+
+def without_samples(result: Any) -> Any:
+    """The result without its per-request samples (every "samples" key, at any depth)."""
+    if isinstance(result, dict):
+        return {k: without_samples(v) for k, v in result.items() if k != "samples"}
+    if isinstance(result, list):
+        return [without_samples(v) for v in result]
+    return result
+
+
+def write_raw(path: str | Path, result: dict[str, Any]) -> Path:
+    """The whole result, every sample included, as gzip'd JSON (no timestamp inside: the
+    same result gives the same bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+        gz.write(json.dumps(result).encode())
+    return path
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
+
+
+def write_results(out: str | Path, result: dict[str, Any], markdown: str,
+                  raw: str | Path | None = None) -> tuple[Path, Path, Path]:
+    """A load benchmark's files: the raw samples (the whole result, gzip'd) at `raw`
+    (default raw_path(out); an existing raw file, when given, is left as it is), the
+    JSON without samples at `out` (with `raw_samples`: where the raw file is, relative
+    to it) and the Markdown beside it."""
+    out = Path(out)
+    if raw is None:
+        raw = write_raw(raw_path(out), result)
+    raw = Path(raw)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {**without_samples(result), "raw_samples": os.path.relpath(raw, out.parent)}
+    json_path, md = write(out, summary, markdown)
+    return json_path, md, raw
+
+
 def _pyplot():
     import matplotlib
 
@@ -75,6 +129,7 @@ def plot_cdf(path: str | Path, series: dict[str, list[float]], title: str, xlabe
     ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -103,6 +158,7 @@ def plot_timeline(path: str | Path, points: list[tuple[float, float, bool]], mar
     ax.legend(fontsize="small", loc="upper left")
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -15,9 +15,12 @@ start command to SERVING, minus Ray's start and the engine's start.
     python -m bench.sweep [--rates 4 8 16 32 64 128] [--duration 30] [--max-tokens 16] [--out bench/results/sweep.json]
     python -m bench.sweep --gateway-url URL [--api-key KEY]      # a running cluster
 
-Writes the JSON (every sample), a Markdown summary beside it and a latency CDF
-per rate (PNG). Talks to loopback only; the cluster it starts is stopped by
-pid and group.
+    python -m bench.sweep --replot bench/results/raw/sweep.json.gz   # files again from the raw samples
+
+Writes every sample to raw/NAME.json.gz beside `--out` (git-ignored), the
+figures without the samples (percentiles per rate) to `--out`, a Markdown
+summary beside it and a latency CDF per rate (PNG). Talks to loopback only;
+the cluster it starts is stopped by pid and group.
 """
 
 from __future__ import annotations
@@ -139,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-url")
     parser.add_argument("--api-key")
     parser.add_argument("--out", default="bench/results/sweep.json")
+    parser.add_argument("--replot", metavar="RAW.json.gz",
+                        help="run nothing: write the JSON, the Markdown and the plot again from a raw file")
     args = parser.parse_args(argv)
+    if args.replot:
+        return write_files(output.read_raw(args.replot), Path(args.out), raw=args.replot)
     if any(r <= 0 for r in args.rates) or args.duration <= 0 or args.max_tokens < 1:
         parser.error("rates, --duration and --max-tokens must be positive")
     args.rates = sorted(args.rates)
@@ -154,16 +161,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cluster SERVING: {result['start']}", flush=True)
             result["runs"] = uvloop.run(sweep(c.gateway_url, args))
     result["saturation"] = saturation(result["runs"])
-    out = Path(args.out)
+    return write_files(result, Path(args.out))
+
+
+def write_files(result: dict[str, Any], out: Path, raw: str | Path | None = None) -> int:
+    """The plot, the Markdown, the JSON without samples and (unless `raw` names the
+    one these came from) the raw samples."""
     cdf = output.plot_cdf(out.with_name(out.stem + "-cdf.png"),
                           {f"{run['rate']:g} req/s": [s["latency"] for s in run["samples"]
                                                       if s["status"] == 200 and s["latency"] is not None]
                            for run in result["runs"]},
                           "End-to-end latency per offered rate (through the gateway)", "latency (ms)")
     md_text = markdown(result, cdf)
-    json_path, md_path = output.write(out, result, md_text)
+    json_path, md_path, raw_path = output.write_results(out, result, md_text, raw)
     print("\n" + md_text)
-    print(f"raw results: {json_path}; summary: {md_path}; plot: {cdf}")
+    print(f"results: {json_path}; summary: {md_path}; plot: {cdf}; raw samples: {raw_path}")
     return 0
 
 
