@@ -43,9 +43,11 @@ async def one_size(members: int, heartbeat_seconds: float, epoch: int) -> dict:
     import ray
 
     from controller.cluster.coordinator import CoordinatorClient
+    from controller.cluster.ray_adapter import RayAdapter
+    from controller.cluster.records import Member
 
     node_id = ray.get_runtime_context().get_node_id()
-    client = await CoordinatorClient.create_or_attach(epoch, node_id)
+    client = await CoordinatorClient.create_or_attach(RayAdapter("127.0.0.2"), epoch, node_id)
     handle = client.handle
     pid = await handle.__ray_call__.remote(lambda self: __import__("os").getpid())
 
@@ -56,10 +58,10 @@ async def one_size(members: int, heartbeat_seconds: float, epoch: int) -> dict:
 
     names = [f"sim-{i}" for i in range(members)]
     register = await asyncio.gather(*(timed(handle.register.remote(
-        {"node_id": n, "role": "worker", "ray_node_id": f"r-{n}", "address": f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
-         "pid": 1, "ray_pgid": 1, "ray_version": ray.__version__, "python_version": "3.11"}, epoch))
+        Member(node_id=n, role="worker", ray_node_id=f"r-{n}", address=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
+               pid=1, ray_pgid=1, ray_version=ray.__version__, python_version="3.11"), epoch))
         for i, n in enumerate(names)))
-    version = (await handle.info.remote())["version"]
+    version = (await handle.info.remote()).version
 
     # Every member holds a long-poll, as a worker does, while heartbeating.
     seen: dict[str, float] = {}

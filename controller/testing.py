@@ -13,12 +13,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from controller import processes
 from controller.engines.engine import free_port  # noqa: F401  (re-exported for tests)

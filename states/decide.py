@@ -41,12 +41,17 @@ class Observation:
     registered_workers: int = 0
     engines_ready: bool = True
     engine_failure: str | None = None
+    # A failing replica's node is gone (its raylet refuses connections) before
+    # Ray's own node count says so: why, naming the first sign.
+    node_lost: str | None = None
     # worker
     joined: bool = False
     cluster_state: State | None = None
     cluster_epoch: int | None = None
     my_epoch: int | None = None
     head_reachable: bool = False
+    # The coordinator's desired state is "drain": the head asked the cluster to drain.
+    cluster_draining: bool = False
     # The coordinator counts this worker as lost (Ray declared its node dead, e.g.
     # after a hang): it is fenced out and must rejoin.
     fenced: bool = False
@@ -72,6 +77,8 @@ def decide(role: Role, state: State, obs: Observation, limits: Limits) -> Decisi
         return Decision(Trigger.DRAINED, "drain complete") if obs.drained else None
     if obs.drain_requested:
         return Decision(Trigger.DRAIN, obs.drain_requested)
+    if obs.cluster_draining:
+        return Decision(Trigger.DRAIN, "the head asked the cluster to drain")
     if state is State.INIT:
         return Decision(Trigger.START, "configuration valid")
     if (
@@ -132,12 +139,14 @@ def _decide_head(state: State, obs: Observation, limits: Limits) -> Decision | N
                 Trigger.NODE_LOST,
                 f"{obs.alive_nodes}/{limits.expected_nodes} nodes alive",
             )
+        if obs.node_lost:
+            return Decision(Trigger.NODE_LOST, obs.node_lost)
         if obs.engine_failure:
             return Decision(Trigger.ENGINE_FAILED, obs.engine_failure)
         return None
     if state is State.DEGRADED:
         ready, text = _head_ready(obs, limits)
-        if ready and not obs.engine_failure:
+        if ready and not obs.engine_failure and not obs.node_lost:
             return Decision(Trigger.RECOVERED, text)
         return None
     return None

@@ -11,10 +11,13 @@ import asyncio
 import ipaddress
 import subprocess
 import sys
-from typing import Any
+from typing import Callable
 
 from controller import processes
+from controller.cluster.coordinator import CoordinatorClient
+from controller.cluster.records import Member
 from controller.config import ENV_PREFIX, Config
+from controller.errors import FatalError
 from controller.logs import log
 from controller.cluster.ray_adapter import child_env
 
@@ -59,8 +62,10 @@ def ray_auth_args(env: dict[str, str]) -> list[str]:
 
 
 class LocalWorkers:
-    def __init__(self, config: Config, object_store_bytes: int) -> None:
+    def __init__(self, config: Config, object_store_bytes: int,
+                 spawn: Callable[..., subprocess.Popen] = subprocess.Popen) -> None:
         self.config = config
+        self.spawn = spawn  # how a worker process starts (a unit test hands in a fake)
         self.object_store_bytes = object_store_bytes
         self.addresses = (
             local_worker_addresses(config.node_ip_address, config.local_workers)
@@ -72,33 +77,67 @@ class LocalWorkers:
     def pids(self) -> set[int]:
         return {p.pid for p in self.children.values()} | set(self.adopted.values())
 
-    def start_one(self, address: str, members: list[dict[str, Any]]) -> bool:
+    async def start_all(self, coordinator: CoordinatorClient, join_timeout: float) -> None:
+        """Start (or adopt) every local worker, one at a time: raylets started together
+        on one machine race for the same random ports (seen here: "bind: Address
+        already in use" in the raylet). Each waits, bounded, until it has joined."""
+        loop = asyncio.get_running_loop()
+        for address in self.addresses:
+            members = None
+            deadline = loop.time() + join_timeout
+            while members is None:
+                members = await self._members_or_none(coordinator)
+                if members is None:
+                    if loop.time() >= deadline:
+                        raise FatalError(f"the coordinator did not answer for {join_timeout:g}s "
+                                         f"while starting the local worker {address}")
+                    await asyncio.sleep(1.0)
+            if not self.start_one(address, members):
+                continue
+            deadline = loop.time() + join_timeout
+            while loop.time() < deadline:
+                members = await self._members_or_none(coordinator)
+                if members and any(m.address == address and m.alive for m in members):
+                    break
+                await asyncio.sleep(0.5)
+
+    @staticmethod
+    async def _members_or_none(coordinator: CoordinatorClient) -> list[Member] | None:
+        """The coordinator's members, or None when it does not answer this time: a
+        slow or paused coordinator is the health monitors' business, not a reason to
+        stop starting local workers."""
+        try:
+            return (await coordinator.snapshot()).members
+        except Exception as exc:
+            log.warning("local_workers_wait", error=f"{type(exc).__name__}: {exc}")
+            return None
+
+    def start_one(self, address: str, members: list[Member]) -> bool:
         """Start the worker for `address` unless it runs; adopt a live one (a restarted head).
 
         Returns True when a new process was started.
         """
         if address in self.children or address in self.adopted:
             return False
-        member = next((m for m in members if m.get("address") == address and m.get("role") == "worker"
-                       and m.get("alive") and m.get("pid")), None)
-        if member is not None and processes.is_running(member["pid"]):
-            self.adopted[address] = member["pid"]
-            log.info("local_worker_adopted", address=address, pid=member["pid"])
+        member = next((m for m in members if m.address == address and m.role == "worker"
+                       and m.alive and m.pid), None)
+        if member is not None and processes.is_running(member.pid):
+            self.adopted[address] = member.pid
+            log.info("local_worker_adopted", address=address, pid=member.pid)
             return False
         env = {k: v for k, v in child_env().items() if not k.startswith(ENV_PREFIX)}
         argv = local_worker_argv(self.config, address, self.object_store_bytes) + ray_auth_args(env)
-        proc = subprocess.Popen(argv, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+        proc = self.spawn(argv, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
         self.children[address] = proc
         log.info("local_worker_started", address=address, pid=proc.pid)
         return True
 
-    async def stop(self, members: list[dict[str, Any]], grace: float) -> set[int]:
+    async def stop(self, members: list[Member], grace: float) -> set[int]:
         """Wait up to `grace` for the workers to finish their own drain, then stop
         whatever is left of them (controller and Ray processes) by pid and group."""
         pids = self.pids()
         left = await asyncio.to_thread(processes.wait_gone, pids, grace)
-        groups = {m["ray_pgid"] for m in members
-                  if m.get("address") in self.addresses and m.get("ray_pgid")}
+        groups = {m.ray_pgid for m in members if m.address in self.addresses and m.ray_pgid}
         leftovers = await asyncio.to_thread(processes.tree, left, groups)
         if leftovers:
             log.warning("local_workers_forced", pids=sorted(leftovers))

@@ -6,16 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from controller.cluster.coordinator import CoordinatorClient, StaleEpoch
+from controller.cluster.records import GONE_STATES, Desired, Info
 from controller.logs import log
 from controller.lifecycle.loop import Board
 from controller.cluster.ray_adapter import RayAdapter
 from states import State
-
-# Members that no longer count as serving capacity.
-GONE_STATES = ("DRAINING", "STOPPED", "LOST")
 
 
 def _error_text(exc: BaseException) -> str:
@@ -24,9 +22,9 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _monotonic_of(iso: str | None) -> float:
-    """time.monotonic() for a wall-clock ISO timestamp (now, when there is none)."""
-    now = time.monotonic()
+def clock_time_of(iso: str | None, clock: Callable[[], float]) -> float:
+    """The `clock` reading for a wall-clock ISO timestamp (now, when there is none)."""
+    now = clock()
     if not iso:
         return now
     try:
@@ -44,14 +42,16 @@ def _state_or_none(value: Any) -> State | None:
 
 
 class ClusterMonitor:
-    """Head: alive Ray nodes (GCS answering in-process) and registered workers."""
+    """Head: alive Ray nodes (GCS answering in-process) and registered workers.
+    Writes the board's `alive_nodes` and `registered_workers`, and marks members
+    whose Ray node died as lost in the coordinator."""
 
     def __init__(self, ray: RayAdapter, coordinator: CoordinatorClient, board: Board,
-                 expected_nodes: int) -> None:
+                 clock: Callable[[], float]) -> None:
         self.ray = ray
         self.coordinator = coordinator
         self.board = board
-        self.expected_nodes = expected_nodes
+        self.clock = clock
         self.alive_ids: set[str] = set()
 
     async def check(self) -> None:
@@ -69,34 +69,33 @@ class ClusterMonitor:
             self.board.set(alive_nodes=len(alive))
             self.board.health("coordinator", f"coordinator: {_error_text(exc)}")
             return
-        lost_members = [m for m in snap["members"] if m["alive"] and m.get("ray_node_id") not in self.alive_ids]
+        lost_members = [m for m in snap.members if m.alive and m.ray_node_id not in self.alive_ids]
         for m in lost_members:
             # Noted before the count changes, so the transition it causes can tell how
             # long detection took: from the lost node's last heartbeat.
-            self.board.note_fault("node_lost", _monotonic_of(m.get("last_seen")))
+            self.board.note_fault("node_lost", clock_time_of(m.last_seen, self.clock))
         self.board.set(alive_nodes=len(alive))
         self.board.health("coordinator", None)
-        lost = [m["node_id"] for m in lost_members]
+        lost = [m.node_id for m in lost_members]
         if lost:
             log.warning("members_lost", node_ids=lost)
             await self.coordinator.mark_lost(lost)
-        workers = [m for m in snap["members"]
-                   if m["role"] == "worker" and m["alive"] and m["node_id"] not in lost
-                   and m["state"] not in GONE_STATES]
+        workers = [m for m in snap.members
+                   if m.role == "worker" and m.alive and m.node_id not in lost and m.state not in GONE_STATES]
         self.board.set(registered_workers=len(workers))
-        await self.coordinator.set_cluster(alive_nodes=len(alive), expected_nodes=self.expected_nodes)
 
 
 class GcsCliMonitor:
     """`ray health-check` against the head's GCS: an out-of-process second opinion."""
 
-    def __init__(self, ray: RayAdapter, address: str, board: Board) -> None:
+    def __init__(self, ray: RayAdapter, address: str, board: Board, clock: Callable[[], float]) -> None:
         self.ray = ray
         self.address = address
         self.board = board
+        self.clock = clock
 
     async def check(self) -> None:
-        started = time.monotonic()
+        started = self.clock()
         error = await self.ray.cli_health_check(self.address)
         self.board.health("gcs_cli", error)
         # "Reachable again" only counts when the GCS answered after the coordinator
@@ -116,13 +115,9 @@ class CoordinatorWatch:
         self.node_id = node_id
         self.version = -1
 
-    def _apply(self, info: dict[str, Any]) -> None:
-        self.board.set(
-            cluster_state=_state_or_none(info.get("cluster_state") or info.get("cluster", {}).get("state")),
-            cluster_epoch=info["epoch"],
-        )
-        if info.get("desired") == "drain":
-            self.board.set(drain_requested="the head asked the cluster to drain")
+    def _apply(self, info: Info) -> None:
+        self.board.set(cluster_state=_state_or_none(info.cluster_state), cluster_epoch=info.epoch,
+                       cluster_draining=info.desired is Desired.DRAIN)
 
     async def heartbeat(self) -> None:
         try:
@@ -135,11 +130,11 @@ class CoordinatorWatch:
             self.board.health("coordinator", f"coordinator heartbeat: {_error_text(exc)}")
             return
         self.board.health("coordinator", None)
-        self.board.set(fenced=bool(info.get("member_lost")))
+        self.board.set(fenced=bool(info.member_lost))
         self._apply(info)
 
     async def watch(self, poll_timeout: float = 10.0) -> None:
         """One long-poll round: returns when something changed or after `poll_timeout`."""
         info = await self.coordinator.wait_for_change(self.version, poll_timeout)
-        self.version = info["version"]
+        self.version = info.version
         self._apply(info)

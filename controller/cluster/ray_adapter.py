@@ -1,5 +1,13 @@
 """Every call into Ray lives here: `ray start`, `ray.init`, `ray.nodes()`,
-`ray health-check`, `ray.shutdown()` and stopping this node's Ray processes.
+`ray health-check`, `ray.shutdown()`, stopping this node's Ray processes, and
+actors (create, find, call with a timeout, kill).
+
+No other module imports `ray`. The actor classes (controller/cluster/
+coordinator.py's `Coordinator`, controller/engines/replica.py's `ReplicaActor`)
+are imported by Ray on the nodes that run them, but they do not call Ray
+themselves. `RayAdapter` is handed to every object that needs Ray (the node,
+the coordinator client, the replica set, the monitors), so a unit test can hand
+them a fake instead (tests/unit/fakes.py).
 
 Blocking Ray calls run in threads under our own timeouts, so the event loop
 never blocks and no call waits without a bound.
@@ -210,6 +218,57 @@ class RayAdapter:
 
         return ray.get_runtime_context().get_node_id()
 
+    @staticmethod
+    def ray_version() -> str:
+        import ray
+
+        return ray.__version__
+
+    # -- actors ------------------------------------------------------------------------
+
+    def create_actor(self, cls: type, *args: Any, name: str, node_id: str, max_concurrency: int,
+                     **kwargs: Any) -> Any:
+        """A named, detached actor of `cls` pinned to the Ray node `node_id`, or the
+        live actor of that name. Returns its handle at once; creation goes on in Ray."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return ray.remote(cls).options(
+            name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+            num_cpus=0, max_restarts=0, max_concurrency=max_concurrency,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+        ).remote(*args, **kwargs)
+
+    async def get_actor(self, name: str, timeout: float) -> Any:
+        """The live actor named `name`; LookupError when there is none."""
+        import ray
+
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE), timeout)
+        except ValueError:
+            raise LookupError(f"no actor named {name}") from None
+
+    @staticmethod
+    async def call(handle: Any, method: str, *args: Any, timeout: float) -> Any:
+        """`handle.method(*args)`, awaited for at most `timeout` (asyncio.TimeoutError).
+        The actor's own exceptions come back as they are (Ray's error subclasses them)."""
+        return await asyncio.wait_for(getattr(handle, method).remote(*args), timeout)
+
+    @staticmethod
+    def fire(handle: Any, method: str, *args: Any) -> None:
+        """Start `handle.method(*args)` without waiting for its answer."""
+        getattr(handle, method).remote(*args)
+
+    async def kill_actor(self, handle: Any) -> None:
+        """End an actor (detached ones outlive their creator otherwise); never raises."""
+        import ray
+
+        try:
+            await self._bounded(lambda: ray.kill(handle, no_restart=True), self.call_timeout, "ray.kill")
+        except RayError as exc:
+            log.warning("actor_kill_failed", error=str(exc))
+
     async def nodes(self) -> list[dict[str, Any]]:
         """All nodes Ray knows, dead ones included (their `Alive` is False)."""
         import ray
@@ -224,6 +283,23 @@ class RayAdapter:
 
     async def alive_nodes(self) -> list[dict[str, Any]]:
         return [n for n in await self.nodes() if n.get("Alive")]
+
+    @staticmethod
+    async def address_refuses(host: str, port: int, timeout: float = 2.0) -> str | None:
+        """None when something accepts TCP at host:port (a Ray head's GCS), else why not."""
+        return await asyncio.to_thread(tcp_answers, host, port, timeout)
+
+    @staticmethod
+    def port_free(host: str | None, port: int) -> bool:
+        """True unless something listens on host:port (the Ray head's port)."""
+        return port_free(host, port)
+
+    @staticmethod
+    async def raylet_refuses(node: dict[str, Any], timeout: float) -> str | None:
+        """None when the raylet of `node` (an entry of `nodes()`) accepts a TCP
+        connection, else why not: a node whose processes died refuses at once,
+        long before Ray's own health checks declare it dead."""
+        return await asyncio.to_thread(tcp_answers, node["NodeManagerAddress"], node["NodeManagerPort"], timeout)
 
     async def cli_health_check(self, address: str, timeout: float = 5.0) -> str | None:
         """`ray health-check`: None when the GCS at `address` answers, else why not.

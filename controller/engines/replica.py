@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from controller.cluster.records import ReplicaStatus
 from controller.engines.engine import EngineSpec, free_port
 from controller.logs import bind_node, configure_logging
 from controller.preflight import model_problem
@@ -30,18 +31,18 @@ class ReplicaActor:
         self.spec_args = spec
         self.supervisor = EngineSupervisor(replica_id, self._resolve_spec, echo=False, **supervision)
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self) -> ReplicaStatus:
         self.supervisor.start()
         return await self.status()
 
-    async def status(self, since: int | None = None) -> dict[str, Any]:
+    async def status(self, since: int | None = None) -> ReplicaStatus:
         """State, and with `since` the engine output lines numbered after it."""
-        out = {"node_id": self.node_id, **self.supervisor.status()}
+        out = self.supervisor.status(self.node_id)
         if since is not None:
-            out["output"] = self.supervisor.output_since(since)
+            out.output = self.supervisor.output_since(since)
         return out
 
-    async def stop(self) -> dict[str, Any]:
+    async def stop(self) -> ReplicaStatus:
         await self.supervisor.stop()
         return await self.status()
 

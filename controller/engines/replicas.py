@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from controller.cluster.ray_adapter import RayAdapter
+from controller.cluster.records import Member, ReplicaState, ReplicaStatus
 from controller.engines.engine import DEFAULT_ENGINE_ENV
+from controller.engines.replica import ReplicaActor
 from controller.logs import log
-
-# Replica states in which the replica serves.
-READY = "READY"
-FAILED = "FAILED"
 
 
 def one_machine_cpu_binding(addresses: list[str], cpus: list[int]) -> dict[str, dict[str, str]]:
@@ -28,21 +27,23 @@ def one_machine_cpu_binding(addresses: list[str], cpus: list[int]) -> dict[str, 
     return {a: {"VLLM_CPU_OMP_THREADS_BIND": str(cpus[i % len(cpus)])} for i, a in enumerate(addresses)}
 
 
-def choose_nodes(members: list[dict[str, Any]], have: set[str], limit: int) -> list[str]:
+def choose_nodes(members: list[Member], have: set[str], limit: int) -> list[str]:
     """The node ids that should run a replica: those that have one stay, then the
     head, then the others by address, up to `limit` (0: every node)."""
-    live = [m["node_id"] for m in members]
-    keep = [n for n in live if n in have]
-    order = sorted((m for m in members if m["node_id"] not in have),
-                   key=lambda m: (m.get("role") != "head", m.get("address") or "", m["node_id"]))
-    chosen = keep + [m["node_id"] for m in order]
+    keep = [m.node_id for m in members if m.node_id in have]
+    order = sorted((m for m in members if m.node_id not in have),
+                   key=lambda m: (m.role != "head", m.address or "", m.node_id))
+    chosen = keep + [m.node_id for m in order]
     return chosen if limit <= 0 else chosen[:limit]
 
 
 class ReplicaSet:
-    def __init__(self, model: str, served_name: str, limit: int = 0, engine_port: int = 0,
+    """The replica actors (one per chosen node) and the last status of each."""
+
+    def __init__(self, ray: RayAdapter, model: str, served_name: str, limit: int = 0, engine_port: int = 0,
                  supervision: dict[str, Any] | None = None, engine_env: dict[str, dict[str, str]] | None = None,
-                 poll_timeout: float = 5.0) -> None:
+                 poll_timeout: float = 5.0, actor_class: type = ReplicaActor) -> None:
+        self.ray = ray
         self.model = model
         self.served_name = served_name
         self.limit = limit
@@ -50,118 +51,122 @@ class ReplicaSet:
         self.supervision = supervision or {}
         self.engine_env = engine_env or {}  # node address -> extra environment for its engine
         self.poll_timeout = poll_timeout
+        self.actor_class = actor_class
         self.handles: dict[str, Any] = {}
         self.ever_ready: set[str] = set()
-        self.last: dict[str, dict[str, Any]] = {}
+        self.last: dict[str, ReplicaStatus] = {}
         self.output_seq: dict[str, int] = {}
+        # Engine restarts of replicas this set dropped or stopped: the cluster's
+        # restart count only grows (/metrics), whatever became of those replicas.
+        self.restarts_of_gone = 0
 
     def wanted(self, expected_nodes: int) -> int:
         return expected_nodes if self.limit <= 0 else min(self.limit, expected_nodes)
 
-    def ensure(self, members: list[dict[str, Any]], leaving: set[str] = frozenset()) -> None:
+    def restarts_total(self) -> int:
+        return self.restarts_of_gone + sum(s.restarts for s in self.last.values())
+
+    def _forget(self, node_id: str) -> Any:
+        handle = self.handles.pop(node_id, None)
+        gone = self.last.pop(node_id, None)
+        if gone is not None:
+            self.restarts_of_gone += gone.restarts
+        self.output_seq.pop(node_id, None)
+        self.ever_ready.discard(node_id)
+        return handle
+
+    def ensure(self, members: list[Member], leaving: set[str] = frozenset()) -> None:
         """A replica actor on each chosen live member; forget those whose node is gone.
 
         The replicas of `leaving` nodes (draining workers) are kept until the head
         stops them (`stop_one`), and such nodes get none."""
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from controller.cluster.ray_adapter import NAMESPACE
-        from controller.engines.replica import ReplicaActor
-
-        live = {m["node_id"]: m for m in members}
+        live = {m.node_id: m for m in members}
         for node_id in list(self.handles):
             if node_id not in live and node_id not in leaving:
                 log.warning("replica_dropped", node_id=node_id, reason="its node is gone")
-                self.handles.pop(node_id)
-                self.ever_ready.discard(node_id)
-                self.last.pop(node_id, None)
-                self.output_seq.pop(node_id, None)
+                self._forget(node_id)
         for node_id in choose_nodes(members, set(self.handles), self.limit):
             if node_id in self.handles:
                 continue
             m = live[node_id]
-            replica_id = f"replica-{node_id}"
-            spec = {"model": self.model, "served_name": self.served_name, "host": m["address"],
-                    "port": self.engine_port, "env": {**DEFAULT_ENGINE_ENV, **self.engine_env.get(m["address"], {})}}
-            handle = ray.remote(ReplicaActor).options(
-                name=replica_id, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                num_cpus=0, max_restarts=0, max_concurrency=100,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=m["ray_node_id"], soft=False),
-            ).remote(replica_id, node_id, spec, **self.supervision)
-            handle.start.remote()
+            replica_id = replica_id_of(node_id)
+            spec = {"model": self.model, "served_name": self.served_name, "host": m.address,
+                    "port": self.engine_port, "env": {**DEFAULT_ENGINE_ENV, **self.engine_env.get(m.address, {})}}
+            handle = self.ray.create_actor(self.actor_class, replica_id, node_id, spec, name=replica_id,
+                                           node_id=m.ray_node_id, max_concurrency=100, **self.supervision)
+            self.ray.fire(handle, "start")
             self.handles[node_id] = handle
-            log.info("replica_created", replica_id=replica_id, node_id=node_id, address=m["address"])
+            log.info("replica_created", replica_id=replica_id, node_id=node_id, address=m.address)
 
-    async def poll(self) -> list[dict[str, Any]]:
+    async def poll(self) -> list[ReplicaStatus]:
         """Every replica's state; their new engine output goes into this log."""
-        async def one(node_id: str, handle: Any) -> dict[str, Any]:
+        async def one(node_id: str, handle: Any) -> ReplicaStatus:
             try:
-                return await asyncio.wait_for(handle.status.remote(self.output_seq.get(node_id, 0)),
-                                              self.poll_timeout)
+                return await self.ray.call(handle, "status", self.output_seq.get(node_id, 0),
+                                           timeout=self.poll_timeout)
             except Exception as exc:
-                return {"replica_id": f"replica-{node_id}", "node_id": node_id, "url": None,
-                        "state": "UNREACHABLE", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+                return ReplicaStatus(replica_id=replica_id_of(node_id), node_id=node_id, url=None,
+                                     state=ReplicaState.UNREACHABLE, reason=f"{type(exc).__name__}: {exc}"[:300])
 
         statuses = await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
         for s in statuses:
-            for seq, line in s.pop("output", []):
-                log.info("engine_output", replica_id=s["replica_id"], line=line)
-                self.output_seq[s["node_id"]] = seq
-            self.last[s["node_id"]] = s
-            if s["state"] == READY:
-                self.ever_ready.add(s["node_id"])
+            for seq, line in s.output:
+                log.info("engine_output", replica_id=s.replica_id, line=line)
+                self.output_seq[s.node_id] = seq
+            s.output = []
+            if s.state is ReplicaState.UNREACHABLE and s.node_id in self.last:
+                s.restarts = self.last[s.node_id].restarts  # not known now, not lost either
+            self.last[s.node_id] = s
+            if s.ready:
+                self.ever_ready.add(s.node_id)
         return list(statuses)
 
+    def ready_count(self) -> int:
+        return sum(1 for s in self.last.values() if s.ready)
+
     def all_ready(self, expected_nodes: int) -> bool:
-        ready = [s for s in self.last.values() if s["state"] == READY]
-        return len(self.handles) >= self.wanted(expected_nodes) and len(ready) == len(self.handles)
+        return len(self.handles) >= self.wanted(expected_nodes) and self.ready_count() == len(self.handles)
+
+    def failing(self) -> list[ReplicaStatus]:
+        """Replicas that served and no longer do."""
+        return [s for node_id in sorted(self.ever_ready)
+                if (s := self.last.get(node_id)) is not None and not s.ready]
 
     def failure(self) -> str | None:
         """Why a replica that served no longer does, if one doesn't."""
-        for node_id in sorted(self.ever_ready):
-            s = self.last.get(node_id)
-            if s is not None and s["state"] != READY:
-                return f"{s['replica_id']} is {s['state']}: {s.get('reason') or 'no reason given'}"
+        for s in self.failing():
+            return f"{s.replica_id} is {s.state.value}: {s.reason or 'no reason given'}"
         return None
 
     def given_up(self) -> str | None:
         """A replica whose supervisor gave up (no more restarts), if any."""
         for s in self.last.values():
-            if s["state"] == FAILED:
-                return f"{s['replica_id']} failed: {s.get('reason') or 'no reason given'}"
+            if s.state is ReplicaState.FAILED:
+                return f"{s.replica_id} failed: {s.reason or 'no reason given'}"
         return None
 
     async def stop_one(self, node_id: str, timeout: float) -> None:
         """Stop one node's replica (its engine first) and forget it."""
-        import ray
-
-        handle = self.handles.pop(node_id, None)
-        for table in (self.last, self.output_seq):
-            table.pop(node_id, None)
-        self.ever_ready.discard(node_id)
+        handle = self._forget(node_id)
         if handle is None:
             return
         try:
-            await asyncio.wait_for(handle.stop.remote(), timeout)
+            await self.ray.call(handle, "stop", timeout=timeout)
         except Exception as exc:
             log.warning("replica_stop_failed", node_id=node_id, error=f"{type(exc).__name__}: {exc}")
-        try:
-            ray.kill(handle, no_restart=True)
-        except Exception:
-            pass
+        await self.ray.kill_actor(handle)
         log.info("replica_stopped", node_id=node_id)
 
     async def stop_all(self, timeout: float) -> None:
-        import ray
-
-        handles = list(self.handles.values())
+        handles = {node_id: self._forget(node_id) for node_id in list(self.handles)}
         if handles:
-            done = await asyncio.wait([asyncio.ensure_future(h.stop.remote()) for h in handles], timeout=timeout)
-            log.info("replicas_stopped", stopped=len(done[0]), of=len(handles))
-        for h in handles:
-            try:
-                ray.kill(h, no_restart=True)
-            except Exception:
-                pass
-        self.handles.clear()
+            results = await asyncio.gather(*(self.ray.call(h, "stop", timeout=timeout) for h in handles.values()),
+                                           return_exceptions=True)
+            log.info("replicas_stopped", stopped=sum(not isinstance(r, BaseException) for r in results),
+                     of=len(handles))
+        for h in handles.values():
+            await self.ray.kill_actor(h)
+
+
+def replica_id_of(node_id: str) -> str:
+    return f"replica-{node_id}"

@@ -16,8 +16,9 @@ count is back.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable
+from typing import Callable
 
+from controller.cluster.records import ReplicaState, ReplicaStatus
 from controller.engines.engine import EngineSpec
 from controller.logs import log
 from controller.preflight import gpu_fit_problem
@@ -72,6 +73,7 @@ class ShardedEngine:
         self.launches = 0
         self.ever_ready = False
         self.stopped_reason: str | None = None
+        self.restarts_of_gone = 0  # restarts of engines stopped on a node loss
 
     async def reconcile(self, alive_nodes: int | None, expected_nodes: int, cluster_gpus: float) -> str | None:
         """One step; returns a problem that makes launching impossible (the GPUs do not fit)."""
@@ -81,6 +83,7 @@ class ShardedEngine:
             self.stopped_reason = f"{alive_nodes}/{expected_nodes} nodes alive: the engine spans them all"
             log.warning("sharded_engine_stopping", reason=self.stopped_reason)
             await self.supervisor.stop()
+            self.restarts_of_gone += self.supervisor.restarts
             self.supervisor = None
         elif action is Action.START:
             problem = gpu_fit_problem(self.tensor_parallel, self.pipeline_parallel, cluster_gpus)
@@ -95,20 +98,23 @@ class ShardedEngine:
             self.ever_ready = True
         return None
 
-    def statuses(self) -> list[dict[str, Any]]:
+    def statuses(self) -> list[ReplicaStatus]:
         if self.supervisor is None:
-            return [{"replica_id": REPLICA_ID, "node_id": None, "url": None, "state": "STOPPED",
-                     "reason": self.stopped_reason, "restarts": 0, "pid": None}]
-        return [{"node_id": None, **self.supervisor.status()}]
+            return [ReplicaStatus(replica_id=REPLICA_ID, node_id=None, url=None, state=ReplicaState.STOPPED,
+                                  reason=self.stopped_reason)]
+        return [self.supervisor.status()]
 
     def ready(self) -> bool:
         return self.supervisor is not None and self.supervisor.state == READY
+
+    def restarts_total(self) -> int:
+        return self.restarts_of_gone + (self.supervisor.restarts if self.supervisor else 0)
 
     def failure(self) -> str | None:
         if not self.ever_ready or self.ready():
             return None
         s = self.statuses()[0]
-        return f"{REPLICA_ID} is {s['state']}: {s.get('reason') or 'no reason given'}"
+        return f"{REPLICA_ID} is {s.state.value}: {s.reason or 'no reason given'}"
 
     def given_up(self) -> str | None:
         if self.supervisor is not None and self.supervisor.state == FAILED:

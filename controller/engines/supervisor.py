@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from controller.cluster.records import ReplicaState, ReplicaStatus
 from controller.engines.engine import EngineFailed, EngineProcess, EngineSpec
 from controller.logs import log
 
-READY, FAILED, STOPPED = "READY", "FAILED", "STOPPED"
+READY, FAILED, STOPPED = ReplicaState.READY, ReplicaState.FAILED, ReplicaState.STOPPED
+STARTING, RESTARTING = ReplicaState.STARTING, ReplicaState.RESTARTING
 
 
 class EngineUnrecoverable(EngineFailed):
@@ -47,7 +49,7 @@ class EngineSupervisor:
         self.max_restarts = max_restarts
         self.max_backoff = max_backoff
         self.echo = echo
-        self.state = "STARTING"
+        self.state = STARTING
         self.reason: str | None = None
         self.ready_s: float | None = None
         self.restarts = 0
@@ -59,10 +61,10 @@ class EngineSupervisor:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._supervise())
 
-    def status(self) -> dict[str, Any]:
-        return {"replica_id": self.replica_id, "url": self.spec.url if self.spec else None,
-                "state": self.state, "reason": self.reason, "restarts": self.restarts,
-                "pid": self.engine.pid if self.engine else None, "ready_s": self.ready_s}
+    def status(self, node_id: str | None = None) -> ReplicaStatus:
+        return ReplicaStatus(replica_id=self.replica_id, node_id=node_id, url=self.spec.url if self.spec else None,
+                             state=self.state, reason=self.reason, restarts=self.restarts,
+                             pid=self.engine.pid if self.engine else None, ready_s=self.ready_s)
 
     def output_since(self, seq: int) -> list[tuple[int, str]]:
         return self.engine.output_since(seq) if self.engine else []
@@ -97,7 +99,7 @@ class EngineSupervisor:
 
     def _before_restart(self, retry_state) -> None:
         self.restarts += 1
-        self.state = "RESTARTING"
+        self.state = RESTARTING
         log.warning("engine_restarting", replica_id=self.replica_id, restart=self.restarts,
                     of=self.max_restarts, wait_s=retry_state.next_action.sleep, reason=self.reason)
 
@@ -110,7 +112,7 @@ class EngineSupervisor:
         previous = self.engine.seq if self.engine else 0
         self.engine = EngineProcess(self.spec, self.replica_id, echo=self.echo, first_seq=previous)
         try:
-            self.state = "STARTING" if self.restarts == 0 else "RESTARTING"
+            self.state = STARTING if self.restarts == 0 else RESTARTING
             try:
                 started = time.monotonic()
                 await self.engine.start()
@@ -125,7 +127,7 @@ class EngineSupervisor:
         except EngineFailed as exc:
             self.reason = str(exc)
             if self.state == READY:
-                self.state = "RESTARTING"  # not serving from here on, while the engine stops
+                self.state = RESTARTING  # not serving from here on, while the engine stops
             raise
         finally:
             if self.state != STOPPED:

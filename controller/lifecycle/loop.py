@@ -17,9 +17,14 @@ from states import Decision, Lifecycle, Limits, Moved, Observation, Role, State,
 
 
 class Board:
-    """Mutable observations written by monitors and effects, read by the loop."""
+    """Mutable observations written by monitors and effects, read by the loop.
 
-    def __init__(self) -> None:
+    Each observation has one writer (see docs/architecture.md); `health()` and the
+    fault ledger are shared by design: they keep one entry per source. Times are
+    readings of `clock`, the loop's own."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self._values: dict[str, Any] = {}
         self._failures: dict[str, tuple[int, str | None]] = {}
         self._failing_since: dict[str, float] = {}
@@ -53,13 +58,13 @@ class Board:
             count = self._failures.get(source, (0, None))[0] + 1
             self._failures[source] = (count, error)
             log.warning("health_check_failed", source=source, consecutive=count, error=error)
-            self._failing_since.setdefault(source, time.monotonic())
+            self._failing_since.setdefault(source, self.clock())
             self.note_fault(source, self._failing_since[source])
         count, worst = max(self._failures.values(), key=lambda item: item[0])
         self.set(health_failures=count, last_health_error=worst)
 
     def note_fault(self, source: str, since: float) -> None:
-        """A failure's first sign (time.monotonic()), kept while the source is failing:
+        """A failure's first sign (a `clock` reading), kept while the source is failing:
         how long detection took is measured from the earliest one."""
         self._faults[source] = min(since, self._faults.get(source, since))
 
@@ -73,7 +78,7 @@ class Board:
         self._faults.clear()
 
     def failing_since(self, source: str) -> float | None:
-        """time.monotonic() of the first of the current run of failures of `source`."""
+        """When (`clock`) the current run of failures of `source` began."""
         return self._failing_since.get(source)
 
     def observe(self, now: float, entered_at: float) -> Observation:

@@ -16,10 +16,11 @@ from tenacity import (
 
 from controller.cluster import ray_token
 from controller.cluster.coordinator import CoordinatorClient, Refused, iso_now
+from controller.cluster.records import Desired
 from controller.logs import log
 from controller.cluster.monitors import CoordinatorWatch, GcsCliMonitor
 from controller.lifecycle.node import NodeBase
-from controller.cluster.ray_adapter import RayError, tcp_answers
+from controller.cluster.ray_adapter import RayError
 from controller.lifecycle.tasks import every
 from states import Moved, Observation, State
 
@@ -47,8 +48,8 @@ class WorkerNode(NodeBase):
             self.tasks.forget("join")
             for name in MONITORS:
                 self.tasks.forget(name)
-            self.board.set(joined=False, health_failures=0, last_health_error=None,
-                           cluster_state=None, cluster_epoch=None, head_reachable=False, fenced=False)
+            self.board.set(joined=False, health_failures=0, last_health_error=None, cluster_state=None,
+                           cluster_epoch=None, head_reachable=False, fenced=False, cluster_draining=False)
             self.board.health("coordinator", None)
             self.board.health("gcs_cli", None)
         super().on_moved(moved, record)
@@ -69,7 +70,7 @@ class WorkerNode(NodeBase):
         """Monitors of the coordinator this node joined (built again after a rejoin)."""
         assert self.coordinator is not None
         watch = CoordinatorWatch(self.coordinator, self.board, self.config.node_id)
-        cli = GcsCliMonitor(self.ray, self.config.head_address, self.board)
+        cli = GcsCliMonitor(self.ray, self.config.head_address, self.board, self.clock)
         self.tasks.ensure("heartbeat", lambda: every(self.config.health_interval, watch.heartbeat, "heartbeat"))
         self.tasks.ensure("watch", lambda: every(0.0, watch.watch, "watch"))
         # `ray health-check` is costly: rarely while healthy, more often once in doubt.
@@ -124,7 +125,7 @@ class WorkerNode(NodeBase):
 
     async def _join_once(self) -> None:
         cfg = self.config
-        unreachable = await asyncio.to_thread(tcp_answers, cfg.head_host, cfg.head_port)
+        unreachable = await self.ray.address_refuses(cfg.head_host, cfg.head_port)
         if unreachable:  # `ray start` would hang for minutes on a head that is not there
             raise JoinError(f"head not reachable: {unreachable}")
         try:
@@ -142,8 +143,8 @@ class WorkerNode(NodeBase):
         self.ray_node_id = self.ray.ray_node_id()
         coordinator = await self._find_coordinator()
         try:
-            await coordinator.register({**self.member_info("worker", cfg.node_ip_address),
-                                        "join_attempt": self._join_attempt})
+            await coordinator.register(self.member_info("worker", cfg.node_ip_address,
+                                                        join_attempt=self._join_attempt))
         except Refused as exc:
             # Ray raises a subclass whose text is the actor's traceback; the reason is its cause.
             reason = getattr(exc, "cause", None) or exc
@@ -156,7 +157,7 @@ class WorkerNode(NodeBase):
         """The head creates the coordinator right after its Ray head: wait for it briefly."""
         while True:
             try:
-                return await CoordinatorClient.attach()
+                return await CoordinatorClient.attach(self.ray)
             except LookupError:
                 await asyncio.sleep(1.0)
 
@@ -184,17 +185,17 @@ class WorkerNode(NodeBase):
         try:
             await self._flush_reports(2.0)  # the head must see DRAINING to retire the replica
             snap = await self.coordinator.snapshot()
-            mine = [r for r in snap["replicas"] if r.get("node_id") == self.config.node_id]
-            if snap["desired"] == "drain" or not mine:
+            mine = [r for r in snap.replicas if r.node_id == self.config.node_id]
+            if snap.desired is Desired.DRAIN or not mine:
                 return
-            log.info("waiting_for_release", replica_id=mine[0].get("replica_id"), timeout_s=timeout)
+            log.info("waiting_for_release", replica_id=mine[0].replica_id, timeout_s=timeout)
             info = snap
-            while self.config.node_id not in info.get("released", []) and info.get("desired") != "drain":
+            while self.config.node_id not in info.released and info.desired is not Desired.DRAIN:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     log.warning("release_wait_timed_out", timeout_s=timeout)
                     return
-                info = await self.coordinator.wait_for_change(info["version"], min(remaining, 10.0))
+                info = await self.coordinator.wait_for_change(info.version, min(remaining, 10.0))
             log.info("released", waited_s=round(timeout - (deadline - loop.time()), 2))
         except Exception as exc:  # the head is gone or unreachable: nothing to wait for
             log.warning("release_wait_failed", error=f"{type(exc).__name__}: {exc}")

@@ -22,7 +22,7 @@ from controller.lifecycle.head import HeadNode
 from controller.logs import bind_node, configure_logging, log
 from controller.lifecycle.loop import Board, NodeLoop
 from controller.preflight import PreflightError, local_checks
-from controller.cluster.ray_adapter import prepare_driver_env
+from controller.cluster.ray_adapter import RayAdapter, prepare_driver_env
 from controller.lifecycle.worker import WorkerNode
 from states import Limits, Role
 
@@ -49,8 +49,9 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
     """Run one node until STOPPED. `stop`, when set, drains it as SIGTERM would."""
     loop = asyncio.get_running_loop()
     role = Role(config.role)
-    board = Board()
-    node = HeadNode(config, board) if role is Role.HEAD else WorkerNode(config, board)
+    board = Board(clock=loop.time)  # one clock, the loop's, for every timestamp the node compares
+    ray = RayAdapter(config.node_ip_address)
+    node = HeadNode(config, board, ray) if role is Role.HEAD else WorkerNode(config, board, ray)
     node_loop = NodeLoop(role, limits_for(config), board, node, clock=loop.time,
                          tick_interval=config.tick_interval)
 

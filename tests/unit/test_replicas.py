@@ -1,14 +1,16 @@
 """The head's readiness rule for replicas, without Ray."""
 
+from controller.cluster.records import Member, ReplicaState, ReplicaStatus
 from controller.engines.replicas import ReplicaSet, choose_nodes
 
 
 def with_states(states: dict[str, str], ever_ready=()) -> ReplicaSet:
-    rs = ReplicaSet(model="tiny", served_name="tiny")
+    rs = ReplicaSet(None, model="tiny", served_name="tiny")
     for node_id, state in states.items():
         rs.handles[node_id] = object()
-        rs.last[node_id] = {"replica_id": f"replica-{node_id}", "node_id": node_id, "state": state,
-                            "reason": "engine exited with code -9" if state != "READY" else None}
+        rs.last[node_id] = ReplicaStatus(replica_id=f"replica-{node_id}", node_id=node_id, url=None,
+                                         state=ReplicaState(state),
+                                         reason="engine exited with code -9" if state != "READY" else None)
     rs.ever_ready |= set(ever_ready)
     return rs
 
@@ -40,7 +42,7 @@ def test_given_up_names_the_failed_replica():
 
 
 def test_choose_nodes_keeps_replicas_then_head_first():
-    members = [{"node_id": n, "role": r, "address": a} for n, r, a in
+    members = [Member(node_id=n, role=r, address=a) for n, r, a in
                [("w2", "worker", "10.0.0.3"), ("h", "head", "10.0.0.9"), ("w1", "worker", "10.0.0.2")]]
     assert choose_nodes(members, set(), 0) == ["h", "w1", "w2"]
     assert choose_nodes(members, set(), 2) == ["h", "w1"]

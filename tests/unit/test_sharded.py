@@ -56,6 +56,7 @@ class FakeSupervisor:
 
     def __init__(self):
         self.state, self.reason, self.started, self.stopped = "STARTING", None, False, False
+        self.restarts = 0
         FakeSupervisor.made.append(self)
 
     def start(self):
