@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from openai import OpenAI
 
+from bench import output as bench_output
 from bench import sweep
 from controller import processes
 from controller import testing as tk
@@ -93,13 +94,16 @@ def test_the_sweep_benchmark_runs_against_the_gateway(gw, tmp_path):
     assert sweep.main(["--gateway-url", gw.url, "--api-key", API_KEY, "--rates", "2", "4", "--duration", "3",
                        "--max-tokens", "4", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    raw_path = tmp_path / "raw" / "sweep.json.gz"  # the samples live beside the summary, out of git
+    raw = bench_output.read_raw(raw_path)
     assert [r["rate"] for r in result["runs"]] == [2, 4]
-    for run in result["runs"]:
+    for run, full in zip(result["runs"], raw["runs"], strict=True):
         report = run["report"]
-        assert report["requests"] == len(run["samples"]) > 0 and report["ok"] == report["requests"], report
-        assert all(s["tokens"] == 4 and s["ttft"] <= s["latency"] for s in run["samples"])
+        assert report["requests"] == len(full["samples"]) > 0 and report["ok"] == report["requests"], report
+        assert all(s["tokens"] == 4 and s["ttft"] <= s["latency"] for s in full["samples"])
         assert 0 < report["ttft_s"]["p50"] <= report["latency_s"]["p50"] <= report["latency_s"]["max"]
     assert API_KEY not in out.read_text()
+    assert API_KEY not in json.dumps(raw)
     assert "| offered/s |" in out.with_suffix(".md").read_text()
     assert (tmp_path / "sweep-cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
