@@ -43,3 +43,15 @@ def test_the_product_never_imports_the_test_kit():
         if path.name == "testing.py":
             continue
         assert "controller.testing" not in imported_modules(path), f"{path} imports the test kit"
+
+
+def test_only_the_ray_adapter_imports_ray():
+    """Every Ray call goes through controller/cluster/ray_adapter.py, which the node,
+    the coordinator client, the replica set and the monitors are handed (the actor
+    classes Ray imports on its nodes call no Ray themselves)."""
+    root = Path(states.__file__).parent.parent / "controller"
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).as_posix() == "cluster/ray_adapter.py":
+            continue
+        ray_imports = {n for n in imported_modules(path) if n.split(".")[0] == "ray"}
+        assert not ray_imports, f"{path.relative_to(root)} imports {sorted(ray_imports)}"
