@@ -23,13 +23,18 @@ cause (`node_lost`).
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any, Callable
 
 from controller.cluster.coordinator import CoordinatorClient
 from controller.cluster.ray_adapter import RayAdapter
 from controller.cluster.records import Desired, ReplicaStatus, Snapshot
-from controller.engines.replicas import ReplicaSet, replica_id_of
-from controller.engines.sharded import ShardedEngine
+from controller.config import Config
+from controller.engines.engine import EngineSpec, free_port
+from controller.engines.replicas import ReplicaSet, one_machine_cpu_binding, replica_id_of
+from controller.engines.sharded import REPLICA_ID as SHARDED_ID
+from controller.engines.sharded import ShardedEngine, sharded_spec
+from controller.engines.supervisor import EngineSupervisor
 from controller.errors import FatalError
 from controller.lifecycle.loop import Board
 from controller.logs import log
@@ -259,3 +264,39 @@ class ShardedReconciler(Reconciler):
     async def stop(self, timeout: float) -> set[int]:
         """Stop the engine; returns pids that survived."""
         return await self.sharded.stop()
+
+
+def served_name(model: str | None) -> str:
+    """The model name clients use: `tiny` for the tiny model, else the path's last part."""
+    if model in (None, "tiny"):
+        return "tiny"
+    return model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def build_reconciler(cfg: Config, *, coordinator: CoordinatorClient, gateway: Gateway, board: Board,
+                     ray: RayAdapter, clock: Callable[[], float], before_serving: Callable[[], bool], host: str,
+                     gcs_address: str, local_nodes: list[str], replica_actor: type) -> Reconciler:
+    """The engines of the configured mode, and the reconciler that keeps them."""
+    supervision = {"ready_timeout": cfg.engine_timeout, "probe_interval": cfg.probe_interval,
+                   "max_restarts": cfg.engine_restarts}
+    shared = dict(coordinator=coordinator, gateway=gateway, board=board, ray=ray, clock=clock,
+                  expected_nodes=cfg.expected_nodes, health_interval=cfg.health_interval,
+                  before_serving=before_serving)
+    if cfg.mode == "sharded":
+        def spec() -> EngineSpec:
+            model = cfg.model or "tiny"
+            if model == "tiny":
+                from controller.engines.tiny_model import ensure_tiny_model
+
+                model = str(ensure_tiny_model())
+            return sharded_spec(model, served_name(cfg.model), host, cfg.engine_port or free_port(host),
+                                cfg.tensor_parallel_size, cfg.pipeline_parallel_size, gcs_address)
+
+        sharded = ShardedEngine(lambda: EngineSupervisor(SHARDED_ID, spec, **supervision),
+                                cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+        return ShardedReconciler(sharded, **shared)
+    replicas = ReplicaSet(ray, model=cfg.model or "tiny", served_name=served_name(cfg.model),
+                          limit=cfg.replicas, engine_port=cfg.engine_port, supervision=supervision,
+                          engine_env=one_machine_cpu_binding(local_nodes, sorted(os.sched_getaffinity(0))),
+                          actor_class=replica_actor)
+    return EngineReconciler(replicas, **shared, drain_timeout=cfg.drain_timeout)

@@ -9,7 +9,6 @@ starts."""
 from __future__ import annotations
 
 import asyncio
-import os
 from contextlib import AsyncExitStack
 from typing import Any, Awaitable, Callable
 
@@ -19,13 +18,8 @@ from controller.cluster.monitors import ClusterMonitor, GcsCliMonitor
 from controller.cluster.ray_adapter import RayAdapter, RayError, available_memory, object_store_bytes, shm_size
 from controller.cluster.ray_head import RayHead
 from controller.config import Config
-from controller.engines.engine import EngineSpec, free_port
-from controller.engines.reconciler import EngineReconciler, Reconciler, ShardedReconciler
 from controller.engines.replica import ReplicaActor
-from controller.engines.replicas import ReplicaSet, one_machine_cpu_binding
-from controller.engines.sharded import REPLICA_ID as SHARDED_ID
-from controller.engines.sharded import ShardedEngine, sharded_spec
-from controller.engines.supervisor import EngineSupervisor
+from controller.engines.reconciler import Reconciler, build_reconciler
 from controller.errors import FatalError
 from controller.lifecycle.loop import Board
 from controller.lifecycle.node import NodeBase
@@ -39,13 +33,6 @@ from states import Moved, Observation, State
 LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
 REPLICA_STOP_S = (5.0, 30.0)  # bounds of the time given to stopping the replicas
 BRING_UP_TASKS = ("bring_up", "local_workers", "engines")
-
-
-def served_name(model: str | None) -> str:
-    """The model name clients use: `tiny` for the tiny model, else the path's last part."""
-    if model in (None, "tiny"):
-        return "tiny"
-    return model.rstrip("/").rsplit("/", 1)[-1]
 
 
 class HeadNode(NodeBase):
@@ -140,33 +127,11 @@ class HeadNode(NodeBase):
         self.board.set(head_up=True)
 
     def _make_engines(self) -> Reconciler:
-        cfg = self.config
-        supervision = {"ready_timeout": cfg.engine_timeout, "probe_interval": cfg.probe_interval,
-                       "max_restarts": cfg.engine_restarts}
-        shared = dict(coordinator=self.coordinator, gateway=self.gateway, board=self.board, ray=self.ray,
-                      clock=self.clock, expected_nodes=cfg.expected_nodes, health_interval=cfg.health_interval,
-                      before_serving=lambda: self.state is State.WAITING_FOR_WORKERS)
-        if cfg.mode == "sharded":
-            sharded = ShardedEngine(lambda: EngineSupervisor(SHARDED_ID, self._sharded_spec, **supervision),
-                                    cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
-            return ShardedReconciler(sharded, **shared)
-        local_nodes = [cfg.node_ip_address or "", *self.local.addresses]
-        replicas = ReplicaSet(self.ray, model=cfg.model or "tiny", served_name=served_name(cfg.model),
-                              limit=cfg.replicas, engine_port=cfg.engine_port, supervision=supervision,
-                              engine_env=one_machine_cpu_binding(local_nodes, sorted(os.sched_getaffinity(0))),
-                              actor_class=self.replica_actor)
-        return EngineReconciler(replicas, **shared, drain_timeout=cfg.drain_timeout)
-
-    def _sharded_spec(self) -> EngineSpec:
-        cfg = self.config
-        host = self.address or "127.0.0.1"
-        model = cfg.model or "tiny"
-        if model == "tiny":
-            from controller.engines.tiny_model import ensure_tiny_model
-
-            model = str(ensure_tiny_model())
-        return sharded_spec(model, served_name(cfg.model), host, cfg.engine_port or free_port(host),
-                            cfg.tensor_parallel_size, cfg.pipeline_parallel_size, self.ray_head.gcs_address)
+        return build_reconciler(
+            self.config, coordinator=self.coordinator, gateway=self.gateway, board=self.board, ray=self.ray,
+            clock=self.clock, before_serving=lambda: self.state is State.WAITING_FOR_WORKERS,
+            host=self.address or "127.0.0.1", gcs_address=self.ray_head.gcs_address,
+            local_nodes=[self.config.node_ip_address or "", *self.local.addresses], replica_actor=self.replica_actor)
 
     def ready(self) -> bool:
         """Requests can be served: the cluster serves (at reduced capacity in DEGRADED,
