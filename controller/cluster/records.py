@@ -9,19 +9,13 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from states import State
 
-class MemberState(str, enum.Enum):
-    """A member's state as the coordinator holds it: the lifecycle states, and
-    LOST for a member whose Ray node died (until it registers again)."""
 
-    INIT = "INIT"
-    JOINING = "JOINING"
-    WAITING_FOR_WORKERS = "WAITING_FOR_WORKERS"
-    SERVING = "SERVING"
-    DEGRADED = "DEGRADED"
-    DRAINING = "DRAINING"
-    STOPPED = "STOPPED"
-    LOST = "LOST"
+# A member's state as the coordinator holds it: the lifecycle states, and LOST
+# for a member whose Ray node died (until it registers again).
+MemberState = enum.Enum("MemberState", {**{s.name: s.value for s in State}, "LOST": "LOST"}, type=str,
+                        module=__name__)
 
 
 # Members that no longer count as serving capacity.
