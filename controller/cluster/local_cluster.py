@@ -66,6 +66,7 @@ class LocalWorkers:
                  spawn: Callable[..., subprocess.Popen] = subprocess.Popen) -> None:
         self.config = config
         self.spawn = spawn  # how a worker process starts (a unit test hands in a fake)
+        self.started = False  # start_all() was begun (once per head)
         self.object_store_bytes = object_store_bytes
         self.addresses = (
             local_worker_addresses(config.node_ip_address, config.local_workers)

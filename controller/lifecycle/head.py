@@ -86,7 +86,8 @@ class HeadNode(NodeBase):
             self.tasks.ensure("bring_up", self._bring_up)
         elif state in LIVE_STATES and self.coordinator is not None:
             self._start_monitors()
-            if self.local.addresses and not self.tasks.running("local_workers"):
+            if self.local.addresses and not self.local.started:
+                self.local.started = True
                 self._stop_with("local workers", self._stop_local_workers)
                 self.tasks.ensure("local_workers", lambda: self.local.start_all(
                     self.coordinator, self.config.join_attempt_timeout))

@@ -231,3 +231,21 @@ async def test_a_hung_worker_is_fenced_when_it_comes_back_and_rejoins(tmp_path):
     assert member.alive and member.ray_node_id != first_node
     await worker.stop()
     await head.stop()
+
+
+async def test_each_part_registers_its_stop_once_however_many_ticks(tmp_path):
+    """Shutdown undoes start-up from the cleanup stack: a part that registered its
+    stop on every tick would be stopped (and wait out its bound) again and again."""
+    world = World()
+    head = start_head(tmp_path, world, "--local-workers", "1")
+
+    def spawn(argv, **kwargs):
+        asyncio.get_running_loop().create_task(join_fake_worker(world))
+        return FakePopen()
+
+    head.node.local.spawn = spawn
+    await head.reach(State.SERVING, timeout=10)
+    steps = len(head.node.cleanup._exit_callbacks)
+    await asyncio.sleep(0.3)  # about 15 more ticks
+    assert len(head.node.cleanup._exit_callbacks) == steps == 5  # ray, workers, local workers, engines, gateway
+    await head.stop()
