@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from controller.cluster.coordinator import ACTOR_NAME, Coordinator, CoordinatorClient
 from controller.cluster.monitors import ClusterMonitor, CoordinatorWatch, GcsCliMonitor
 from controller.cluster.records import Member, MemberState
