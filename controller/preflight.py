@@ -1,9 +1,10 @@
 """Pre-flight checks: problems found before anything starts, each a clear error.
 
 Local checks run in `python -m controller` before Ray or an engine starts (exit
-2). Cluster checks need the joined nodes: the coordinator refuses a member
-whose address or versions clash (`member_problem`), and the head checks that a
-sharded engine fits the cluster's GPUs before launching it (`gpu_fit_problem`).
+2). Cluster checks need the joined nodes: the head checks that a sharded engine
+fits the cluster's GPUs before launching it (`gpu_fit_problem`); the membership
+rules (an address or versions that clash) are the coordinator's
+(controller/cluster/coordinator.py, `member_problem`).
 Each function returns None or the one-line problem.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from controller.config import Config
 from controller.cluster.ray_adapter import available_memory, object_store_bytes, shm_size
@@ -67,24 +67,6 @@ def gpu_fit_problem(tensor_parallel: int, pipeline_parallel: int, cluster_gpus: 
         return None
     return (f"sharded mode needs tensor-parallel-size x pipeline-parallel-size = "
             f"{tensor_parallel} x {pipeline_parallel} = {needed} GPUs; the cluster has {cluster_gpus:g}")
-
-
-def member_problem(members: dict[str, dict[str, Any]], new: dict[str, Any]) -> str | None:
-    """Why the coordinator must refuse `new`: an address another live node reports,
-    or Ray/Python versions that differ from the head's."""
-    for node_id, m in members.items():
-        if node_id == new["node_id"] or not m.get("alive") or m.get("state") in ("LOST", "STOPPED"):
-            continue
-        if new.get("address") and m.get("address") == new["address"]:
-            return (f"node {new['node_id']} reports address {new['address']}, which node {node_id} "
-                    "already has: every node needs its own IP (set --node-ip-address)")
-    head = next((m for m in members.values() if m.get("role") == "head"), None)
-    if head is not None and new.get("role") != "head":
-        for key, what in (("ray_version", "Ray"), ("python_version", "Python")):
-            if head.get(key) and new.get(key) and head[key] != new[key]:
-                return (f"node {new['node_id']} runs {what} {new[key]} but the head runs {head[key]}: "
-                        f"every node needs the same {what} version")
-    return None
 
 
 def local_checks(config: Config) -> None:

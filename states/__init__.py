@@ -6,6 +6,7 @@ Nothing here touches the world: no Ray, no subprocesses, no HTTP, no wall clock.
 from states.decide import Decision, Limits, Observation, decide
 from states.lifecycle import (
     HEAD_TABLE,
+    LIVE_STATES,
     WORKER_TABLE,
     Role,
     State,
@@ -18,6 +19,6 @@ from states.machine import Lifecycle, MachineError, Moved
 
 __all__ = [
     "Decision", "Limits", "Observation", "decide",
-    "HEAD_TABLE", "WORKER_TABLE", "Role", "State", "Transition", "Trigger", "next_state", "table_for",
+    "HEAD_TABLE", "LIVE_STATES", "WORKER_TABLE", "Role", "State", "Transition", "Trigger", "next_state", "table_for",
     "Lifecycle", "MachineError", "Moved",
 ]

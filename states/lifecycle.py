@@ -51,6 +51,8 @@ class Transition:
 
 
 ALL_STATES: tuple[State, ...] = tuple(State)
+# A node that joined and has not begun to leave: its monitors and parts run.
+LIVE_STATES: tuple[State, ...] = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
 NOT_STOPPED: tuple[State, ...] = tuple(s for s in State if s is not State.STOPPED)
 # DRAINING already drains; a second drain request is not a transition.
 DRAINABLE: tuple[State, ...] = tuple(

@@ -160,6 +160,11 @@ class RayAdapter:
         except asyncio.TimeoutError:
             await asyncio.to_thread(self._stop_group, node.pgid, 5.0)
             raise RayError(f"`ray start` did not finish within {timeout:g}s") from None
+        except asyncio.CancelledError:
+            # Stopped while starting (a drain during JOINING): the daemons `ray start`
+            # leaves behind are ours to stop, or nobody's.
+            await asyncio.shield(asyncio.to_thread(self._stop_group, node.pgid, 5.0))
+            raise
         if proc.returncode != 0:
             await asyncio.to_thread(self._stop_group, node.pgid, 5.0)
             raise RayError(f"`ray start` failed (exit {proc.returncode}): {_last_line(out)}")

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from controller.cluster.coordinator import CoordinatorClient
 from controller.cluster.ray_adapter import RayAdapter
-from controller.cluster.records import Desired, ReplicaStatus, Snapshot
+from controller.cluster.records import Desired, Member, ReplicaStatus, Snapshot
 from controller.config import Config
 from controller.engines.engine import EngineSpec, free_port
 from controller.engines.replicas import ReplicaSet, one_machine_cpu_binding, replica_id_of
@@ -44,7 +44,7 @@ from controller.serving.gateway import Gateway
 # draining worker waits for its replica to retire.
 SETTLING_POLL_S = 0.25
 # How long a raylet may take to accept a TCP connection before its node counts as gone.
-RAYLET_CONNECT_TIMEOUT_S = 0.5
+RAYLET_CONNECT_TIMEOUT_S = 1.0
 STOP_REPLICA_TIMEOUT_S = 10.0
 
 
@@ -126,6 +126,10 @@ class EngineReconciler(Reconciler):
         self.replicas = replicas
         self.drain_timeout = drain_timeout
         self.retiring_since: dict[str, float] = {}  # draining worker -> when its replica began to retire
+        self._poll: asyncio.Task | None = None
+        self._poll_started: float | None = None
+        # Failing replicas already checked for a lost node, and the verdict (None: its node answers).
+        self._node_verdicts: dict[str, str | None] = {}
 
     def settled(self) -> bool:
         return super().settled() and not self.retiring_since
@@ -156,10 +160,8 @@ class EngineReconciler(Reconciler):
         leaving = snap.leaving() if snap.desired is Desired.RUN else set()
         await self._retire(leaving)
         self.replicas.ensure([m for m in snap.members if m.serving_capacity], leaving=leaving)
-        # The gateway's marks are published before the poll: a poll waits for every
-        # replica, and one on a dead node answers only at its timeout.
-        await self._publish_health(snap)
-        statuses = await self.replicas.poll()
+        self._poll_when_due()
+        statuses = self.replicas.statuses()  # each replica's last answer to a poll
         self.gateway.update_replicas([s.as_dict() for s in statuses])
         await self.coordinator.set_replicas(statuses)
         # Ready means a ready replica for every wanted node, not for the nodes seen
@@ -168,6 +170,26 @@ class EngineReconciler(Reconciler):
         self.board.set(engines_ready=self.replicas.all_ready(self.expected_nodes))
         await self._publish_health(snap)
         self._refuse_before_serving(self.replicas.given_up())
+
+    def _poll_when_due(self) -> None:
+        """Poll every replica's supervisor in the background, once per interval. A
+        round never waits for a poll: a replica on a hung or dead node answers only
+        at the poll's timeout, and a gateway's signal or a worker's DRAINING report
+        must not queue behind it. The poll's end wakes `update()` to publish it."""
+        if self._poll is not None and not self._poll.done():
+            return
+        if self._poll_started is not None and self.clock() - self._poll_started < self.interval():
+            return
+        self._poll_started = self.clock()
+        self._poll = asyncio.get_running_loop().create_task(self._poll_once(), name="engines_poll")
+
+    async def _poll_once(self) -> None:
+        try:
+            await self.replicas.poll()
+        except Exception as exc:  # the next interval polls again
+            log.warning("monitor_error", monitor="engines_poll", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.wake()
 
     async def _retire(self, leaving: set[str]) -> None:
         """A worker that drains on its own (SIGTERM to it) keeps its replica until the
@@ -194,27 +216,33 @@ class EngineReconciler(Reconciler):
         self._publish_failure(self.replicas.failure(), node_lost=await self._lost_node(snap, suspects))
 
     async def _lost_node(self, snap: Snapshot, replica_ids: set[str]) -> str | None:
-        """Why the node of one of these failing replicas is gone, if one is."""
-        if not replica_ids:
-            return None
+        """Why the node of one of these failing replicas is gone, if one is. Each
+        failing replica's node is checked once per failure (Ray's node list, then its
+        raylet's port), not at every round while an engine restarts."""
+        for forgotten in set(self._node_verdicts) - replica_ids:
+            del self._node_verdicts[forgotten]
         members = {replica_id_of(m.node_id): m for m in snap.members}
-        suspects = [members[r] for r in sorted(replica_ids) if r in members]
-        if not suspects:
-            return None
-        try:
-            nodes = {n["NodeID"]: n for n in await self.ray.nodes()}
-        except Exception as exc:  # the GCS monitors say so; a node loss is not proven here
-            log.warning("node_check_failed", error=f"{type(exc).__name__}: {exc}")
-            return None
-        for m in suspects:
-            first_sign = self.gateway.failure() or self.replicas.failure() or f"{replica_id_of(m.node_id)} failed"
-            node = nodes.get(m.ray_node_id or "")
-            if not m.alive or node is None or not node.get("Alive"):
-                return f"{m.node_id}'s Ray node is gone (first sign: {first_sign})"
-            refused = await self.ray.raylet_refuses(node, RAYLET_CONNECT_TIMEOUT_S)
-            if refused:
-                return f"{m.node_id}'s raylet does not answer ({refused}; first sign: {first_sign})"
-        return None
+        fresh = [members[r] for r in sorted(replica_ids) if r in members and r not in self._node_verdicts]
+        if fresh:
+            try:
+                nodes = {n["NodeID"]: n for n in await self.ray.nodes()}
+            except Exception as exc:  # the GCS monitors say so; a node loss is not proven here
+                log.warning("node_check_failed", error=f"{type(exc).__name__}: {exc}")
+                return None
+            first_sign = self.gateway.failure() or self.replicas.failure()
+            for m in fresh:
+                self._node_verdicts[replica_id_of(m.node_id)] = await self._node_gone(m, nodes, first_sign)
+        return next((v for v in self._node_verdicts.values() if v), None)
+
+    async def _node_gone(self, m: Member, nodes: dict[str, dict[str, Any]], first_sign: str | None) -> str | None:
+        sign = first_sign or f"{replica_id_of(m.node_id)} failed"
+        node = nodes.get(m.ray_node_id or "")
+        if not m.alive or node is None or not node.get("Alive"):
+            return f"{m.node_id}'s Ray node is gone (first sign: {sign})"
+        # Refused: nothing listens there any more. Timed out: the machine does not
+        # answer at all (power, network). A live machine's kernel accepts at once.
+        refused = await self.ray.raylet_refuses(node, RAYLET_CONNECT_TIMEOUT_S)
+        return f"{m.node_id}'s raylet does not answer ({refused}; first sign: {sign})" if refused else None
 
     # -- what others read ------------------------------------------------------------------
 
@@ -227,6 +255,8 @@ class EngineReconciler(Reconciler):
 
     async def stop(self, timeout: float) -> set[int]:
         """Stop every replica (their engines go with them); nothing to do without Ray."""
+        if self._poll is not None:
+            self._poll.cancel()
         if self.ray.connected:
             await self.replicas.stop_all(timeout=timeout)
         return set()

@@ -108,7 +108,10 @@ class ReplicaSet:
                 return ReplicaStatus(replica_id=replica_id_of(node_id), node_id=node_id, url=None,
                                      state=ReplicaState.UNREACHABLE, reason=f"{type(exc).__name__}: {exc}"[:300])
 
-        statuses = await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
+        polled = dict(self.handles)
+        statuses = await asyncio.gather(*(one(n, h) for n, h in polled.items()))
+        # A replica stopped or dropped while the poll was under way is not brought back.
+        statuses = [s for s in statuses if self.handles.get(s.node_id) is polled[s.node_id]]
         for s in statuses:
             for seq, line in s.output:
                 log.info("engine_output", replica_id=s.replica_id, line=line)
@@ -120,6 +123,10 @@ class ReplicaSet:
             if s.ready:
                 self.ever_ready.add(s.node_id)
         return list(statuses)
+
+    def statuses(self) -> list[ReplicaStatus]:
+        """The last answer of each replica (none yet for one just created)."""
+        return [self.last[n] for n in self.handles if n in self.last]
 
     def ready_count(self) -> int:
         return sum(1 for s in self.last.values() if s.ready)

@@ -28,11 +28,11 @@ from controller.logs import log
 from controller.serving.gateway import Gateway
 from controller.surface.metrics import Metrics
 from controller.surface.status_view import StatusView
-from states import Moved, Observation, State
+from states import LIVE_STATES, Moved, Observation, State
 
-LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
 REPLICA_STOP_S = (5.0, 30.0)  # bounds of the time given to stopping the replicas
 BRING_UP_TASKS = ("bring_up", "local_workers", "engines")
+MONITORS = ("cluster_monitor", "gcs_cli_monitor")
 
 
 class HeadNode(NodeBase):
@@ -54,6 +54,7 @@ class HeadNode(NodeBase):
         self.cleanup = AsyncExitStack()
         self.deadline = 0.0  # of the shutdown under way
         self.left: set[int] = set()  # pids that survived their stop
+        self._monitors_started = False
         if self.gateway is not None:
             board.set(engines_ready=False)
 
@@ -87,8 +88,7 @@ class HeadNode(NodeBase):
         elif state in LIVE_STATES and self.coordinator is not None:
             self._start_monitors()
             if self.local.addresses and not self.local.started:
-                self.local.started = True
-                self._stop_with("local workers", self._stop_local_workers)
+                self.local.started = True  # the "workers" step stops them
                 self.tasks.ensure("local_workers", lambda: self.local.start_all(
                     self.coordinator, self.config.join_attempt_timeout))
             if self.gateway is not None and self.engines is None:
@@ -101,8 +101,10 @@ class HeadNode(NodeBase):
             self.tasks.ensure("drain", self._drain)
 
     def _start_monitors(self) -> None:
-        if self.tasks.running("cluster_monitor"):
+        if self._monitors_started:
             return
+        self._monitors_started = True
+        self._stop_with("monitors", lambda: self.tasks.cancel(*MONITORS))
         cfg = self.config
         monitor = ClusterMonitor(self.ray, self.coordinator, self.board, self.clock)
         cli = GcsCliMonitor(self.ray, self.ray_head.gcs_address, self.board, self.clock)
@@ -124,7 +126,7 @@ class HeadNode(NodeBase):
         await coordinator.register(self.member_info("head", self.address))
         await coordinator.set_cluster(mode=self.config.mode, expected_nodes=self.config.expected_nodes)
         self.coordinator = coordinator
-        self._stop_with("workers", self._drain_workers)
+        self._stop_with("workers", self._stop_workers)
         self.board.set(head_up=True)
 
     def _make_engines(self) -> Reconciler:
@@ -189,7 +191,8 @@ class HeadNode(NodeBase):
         self.deadline = self.clock() + timeout
         if self.gateway is not None:
             self.gateway.start_draining()  # new requests get 503 from here on, whatever else happens
-        await self.tasks.cancel("cluster_monitor", "gcs_cli_monitor", "progress", *BRING_UP_TASKS, "leave_watch")
+        # Nothing starts from here on; what runs stops in its own step, in order.
+        await self.tasks.cancel("progress", "bring_up", "local_workers")
         await self.cleanup.aclose()
         await self.tasks.cancel_all()
         if self.left:
@@ -200,28 +203,37 @@ class HeadNode(NodeBase):
         await self.gateway.wait_idle(self._remaining())
 
     async def _stop_engines(self) -> None:
+        await self.tasks.cancel("engines", "leave_watch")
         self.left |= await self.engines.stop(timeout=min(REPLICA_STOP_S[1], self._remaining(REPLICA_STOP_S[0])))
 
-    async def _stop_local_workers(self) -> None:
-        members = []
-        if self.coordinator is not None:
-            await self._drain_workers()
+    async def _stop_workers(self) -> None:
+        """Tell every worker to drain and wait, bounded, until they left Ray; then stop
+        what is left of the local workers, by pid and process group. A coordinator or
+        GCS that does not answer shortens the wait but never skips the stop."""
+        members = self.view.last_members()
+        try:
+            await self.coordinator.set_desired("drain")
+            log.info("workers_told_to_drain")
+            await self._wait_workers_gone()
             members = (await self.coordinator.snapshot()).members
-        self.left |= await self.local.stop(members, grace=self._remaining(1.0))
+        except Exception as exc:
+            log.warning("drain_coordination_failed", error=f"{type(exc).__name__}: {exc}")
+        await self.flush_reports(1.0)
+        if self.local.started:
+            self.left |= await self.local.stop(members, grace=self._remaining(1.0))
 
-    async def _drain_workers(self) -> None:
-        """Tell every worker to drain (idempotent) and wait, bounded, until they left Ray."""
-        await self.coordinator.set_desired("drain")
-        log.info("workers_told_to_drain")
+    async def _wait_workers_gone(self) -> None:
         while self._remaining() > 0:
-            others = [n for n in await self.ray.alive_nodes() if n["NodeID"] != self.ray_node_id]
+            try:
+                others = [n for n in await self.ray.alive_nodes() if n["NodeID"] != self.ray_node_id]
+            except RayError as exc:
+                log.warning("drain_wait_failed", error=str(exc))
+                return
             if not others:
                 log.info("workers_gone")
-                break
+                return
             await asyncio.sleep(0.5)
-        else:
-            log.warning("drain_timeout_workers_remain")
-        await self.flush_reports(1.0)
+        log.warning("drain_timeout_workers_remain")
 
     async def _stop_ray(self) -> None:
         self.coordinator = None

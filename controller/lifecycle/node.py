@@ -8,7 +8,7 @@ import os
 import platform
 from typing import Any
 
-from controller.cluster.coordinator import CoordinatorClient
+from controller.cluster.coordinator import CoordinatorClient, StaleEpoch
 from controller.cluster.ray_adapter import RayAdapter
 from controller.cluster.records import Member
 from controller.config import Config
@@ -16,6 +16,8 @@ from controller.lifecycle.loop import Board
 from controller.lifecycle.tasks import TaskSet
 from controller.logs import log
 from states import Moved, State
+
+REPORT_RETRY_S = (0.5, 5.0)  # first and longest wait between tries of one report
 
 
 class NodeBase:
@@ -69,14 +71,30 @@ class NodeBase:
                 self._settled_event.set()
 
     async def _report(self, state: str, record: dict[str, Any]) -> None:
+        """Tell the coordinator, retrying (in order: the next waits) while it does not
+        answer: a transition lost here would be missing from the cluster's history
+        and counts for good. Given up when the coordinator is another (a rejoin, a
+        new epoch) or refuses the epoch."""
         coordinator = await self._report_target()
         if coordinator is None:
             return  # no coordinator to tell: the log line is the record
         transition = {k: record[k] for k in ("from", "to", "trigger", "reason")}
-        try:
-            await coordinator.report(self.config.node_id, state, transition)
-        except Exception as exc:
-            log.warning("coordinator_report_failed", state=state, error=f"{type(exc).__name__}: {exc}")
+        wait = REPORT_RETRY_S[0]
+        while True:
+            try:
+                await coordinator.report(self.config.node_id, state, transition)
+                return
+            except StaleEpoch as exc:
+                log.warning("coordinator_report_dropped", state=state, error=str(exc))
+                return
+            except Exception as exc:
+                log.warning("coordinator_report_failed", state=state, retry_in_s=wait,
+                            error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, REPORT_RETRY_S[1])
+            if self.coordinator is not coordinator:
+                log.warning("coordinator_report_dropped", state=state, error="the coordinator changed")
+                return
 
     async def _report_target(self) -> CoordinatorClient | None:
         return self.coordinator

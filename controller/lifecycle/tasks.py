@@ -7,6 +7,8 @@ from typing import Awaitable, Callable
 
 from controller.logs import log
 
+RECANCEL_S = 0.1
+
 
 class TaskSet:
     def __init__(self, on_failure: Callable[[str, BaseException], None]) -> None:
@@ -33,11 +35,16 @@ class TaskSet:
             task.cancel()
 
     async def cancel(self, *names: str, timeout: float = 5.0) -> None:
-        tasks = [self._tasks.pop(n) for n in names if n in self._tasks]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+        """Cancel and wait, at most `timeout`. A task is cancelled again while it runs:
+        asyncio.wait_for (3.11) swallows a cancellation that arrives as its awaitable
+        completes, and the task would then go on to its next wait."""
+        pending = {self._tasks.pop(n) for n in names if n in self._tasks}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while pending and (left := deadline - loop.time()) > 0:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=min(left, RECANCEL_S))
 
     async def cancel_all(self, timeout: float = 5.0) -> None:
         """Cancel every task but the caller's own (shutdown runs inside one)."""

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 from controller.cluster.coordinator import CoordinatorClient
 from controller.cluster.ray_adapter import RayAdapter
-from controller.cluster.records import Snapshot
+from controller.cluster.records import Member, Snapshot
 from controller.config import Config
 from controller.lifecycle.loop import Board
 from controller.logs import log
@@ -87,13 +87,19 @@ class StatusView:
                 last, last_at = p, now
             await asyncio.sleep(PROGRESS_POLL_S)
 
+    def last_members(self) -> list[Member]:
+        """The members of the last snapshot read (for a shutdown whose coordinator is silent)."""
+        return self._last.members if self._last else []
+
     async def _snapshot(self) -> Snapshot | None:
         h = self.head
         if h.coordinator is None or not h.ray.connected:
             return None
         # The head's own transitions are reported to the coordinator a moment after
-        # they happen: wait for them (bounded), so /status tells one story.
-        await h.flush_reports(REPORT_FLUSH_S)
+        # they happen: wait for them (bounded), so /status tells one story. Not while
+        # the coordinator fails to answer: the snapshot below says so soon enough.
+        if h.board.failing_since("coordinator") is None:
+            await h.flush_reports(REPORT_FLUSH_S)
         try:
             self._last = await asyncio.wait_for(h.coordinator.snapshot(), SNAPSHOT_TIMEOUT_S)
             return self._last

@@ -89,6 +89,14 @@ async def join_fake_worker(world) -> CoordinatorClient:
     await coordinator.register(Member(WORKER_ID, "worker", address=WORKER_IP, ray_node_id=ray.ray_node_id(),
                                       ray_version="2.60.0"))
     await coordinator.report(WORKER_ID, "SERVING", None)
+
+    async def leave_when_told() -> None:  # as a worker does when the head drains the cluster
+        info = await coordinator.info()
+        while info.desired.value != "drain":
+            info = await coordinator.wait_for_change(info.version, 60)
+        await ray.stop_node()
+
+    asyncio.get_running_loop().create_task(leave_when_told())
     return coordinator
 
 
@@ -247,5 +255,67 @@ async def test_each_part_registers_its_stop_once_however_many_ticks(tmp_path):
     await head.reach(State.SERVING, timeout=10)
     steps = len(head.node.cleanup._exit_callbacks)
     await asyncio.sleep(0.3)  # about 15 more ticks
-    assert len(head.node.cleanup._exit_callbacks) == steps == 5  # ray, workers, local workers, engines, gateway
+    assert len(head.node.cleanup._exit_callbacks) == steps == 5  # ray, workers, monitors, engines, gateway drain
+    await head.stop()
+
+
+async def test_a_gateway_signal_is_heard_while_a_poll_waits_on_a_hung_node(tmp_path):
+    """A poll of a replica on a hung node answers only at its timeout (5 s): the
+    gateway's first sign must not wait for it."""
+    world = World()
+    head = start_head(tmp_path, world)
+    await until(lambda: head.node.coordinator is not None, what="coordinator")
+    await join_fake_worker(world)
+    await head.reach(State.SERVING, timeout=10)
+    node = next(n for n in world.nodes.values() if n.address == WORKER_IP)
+    node.hung = True  # frozen first (SIGSTOP) ...
+    await asyncio.sleep(0.4)  # ... so a poll is under way, stuck on it
+    node.raylet_answers = False  # ... then killed
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    gateway = head.node.gateway
+    gateway._mark(gateway.pool.replicas[f"replica-{WORKER_ID}"], "health check: ClientConnectorError: refused")
+    await head.reach(State.DEGRADED, timeout=2.0)
+    assert loop.time() - t0 < 1.0 and head.loop.last_moved.trigger.value == "node_lost"
+    node.hung = False
+    await head.stop()
+
+
+async def test_a_silent_coordinator_at_shutdown_still_stops_the_local_workers(tmp_path):
+    world = World()
+    head = start_head(tmp_path, world, "--local-workers", "1")
+    stopped = []
+
+    def spawn(argv, **kwargs):
+        asyncio.get_running_loop().create_task(join_fake_worker(world))
+        return FakePopen()
+
+    async def stop(members, grace):
+        stopped.append([m.node_id for m in members])
+        return set()
+
+    head.node.local.spawn, head.node.local.stop = spawn, stop
+    await head.reach(State.SERVING, timeout=10)
+    await head.node.status()  # a snapshot read while the coordinator answered
+    head.node.coordinator.call_timeout = 0.1
+    world.paused = True
+    await head.stop()
+    assert stopped and WORKER_ID in stopped[0]  # stopped, with the members last seen
+
+
+async def test_a_transition_whose_report_fails_is_reported_once_the_coordinator_answers(tmp_path):
+    world = World()
+    head = start_head(tmp_path, world, "--engine", "none")
+    await until(lambda: head.node.coordinator is not None, what="coordinator")
+    await join_fake_worker(world)
+    await head.reach(State.SERVING, timeout=10)
+    head.node.coordinator.call_timeout = 0.1
+    world.paused = True
+    next(n for n in world.nodes.values() if n.address == WORKER_IP).alive = False
+    head.node.board.set(alive_nodes=1)  # what the monitor would write, had the coordinator answered
+    await head.reach(State.DEGRADED)
+    await asyncio.sleep(0.5)  # its report fails, and is tried again
+    world.paused = False
+    await until(lambda: any(t["to"] == "DEGRADED" for t in world.actors[ACTOR_NAME][0]._state.history),
+                timeout=8.0, what="the DEGRADED transition in the coordinator's history")
     await head.stop()
