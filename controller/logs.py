@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import Callable, TextIO
 
 import structlog
 
 
 def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> None:
     """Configure structlog for the whole process; call once, before tasks start."""
+    stream = OutputGuard(sys.stderr)
     if log_format == "auto":
         log_format = "console" if sys.stderr.isatty() else "json"
     renderer = (
@@ -26,11 +29,11 @@ def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     # Ray and others log through stdlib logging: same renderer, warnings and up.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -47,6 +50,61 @@ def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+
+
+class OutputGuard:
+    """The stream the logs write to (stderr), made harmless when it breaks.
+
+    A node may outlive where its output goes: the terminal it was started from is
+    closed (writes fail with EIO; the node drains on the SIGHUP that came with it),
+    or the reader of its pipe is gone (EPIPE). A log line must never raise into the
+    code that logs, a drain least of all. At the first failed write or flush,
+    `on_failure` (by default `discard_output`) points the process's stdout and
+    stderr at /dev/null: later writes, Ray's and the interpreter's final flush
+    among them, then succeed unseen and the exit code stays the node's own.
+    """
+
+    def __init__(self, stream: TextIO, on_failure: Callable[[], None] | None = None) -> None:
+        self._stream = stream
+        self._on_failure = on_failure or discard_output
+        self.failed = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self._failed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._failed()
+
+    def isatty(self) -> bool:
+        return not self.failed and self._stream.isatty()
+
+    def _failed(self) -> None:
+        if not self.failed:
+            self.failed = True
+            self._on_failure()
+
+
+def discard_output() -> None:
+    """Point file descriptors 1 and 2 at /dev/null (where they went is gone)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        for fd in (1, 2):
+            try:
+                os.dup2(devnull, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(devnull)
 
 
 def _drop_expected_ray_warnings(record: logging.LogRecord) -> bool:
