@@ -10,8 +10,14 @@ failed pre-flight check (nothing was started).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import os
 import signal
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import AsyncIterator, Callable, Iterator, NoReturn, Protocol
 
 import uvloop
 
@@ -45,9 +51,135 @@ def limits_for(config: Config) -> Limits:
     )
 
 
+# Each of these starts the drain. SIGHUP too: a node started by hand from a terminal
+# gets it when that terminal closes (`tmux kill-session`, a closed window, a dropped
+# ssh session), and must not die on it with its Ray, engines and workers running.
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def drain_on_signals(loop: asyncio.AbstractEventLoop, request_drain: Callable[[str], None]) -> Iterator[None]:
+    """DRAIN_SIGNALS drain the node while in effect; their defaults are back afterwards."""
+    installed = []
+    try:
+        for sig in DRAIN_SIGNALS:
+            loop.add_signal_handler(sig, request_drain, f"{sig.name} received")
+            installed.append(sig)
+        yield
+    finally:
+        for sig in reversed(installed):
+            loop.remove_signal_handler(sig)
+
+
+@contextlib.asynccontextmanager
+async def drain_when_set(stop: asyncio.Event, request_drain: Callable[[str], None]) -> AsyncIterator[None]:
+    """`stop` (tests, embedding) drains the node as a signal would."""
+    async def watch() -> None:
+        await stop.wait()
+        request_drain("stop requested")
+
+    task = asyncio.get_running_loop().create_task(watch(), name="stop_watch")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class Server(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def serving(server: Server) -> AsyncIterator[None]:
+    """A listening server, stopped on the way out (also after a start that failed half-way)."""
+    try:
+        await server.start()
+        yield
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def node_stopped_at_exit(node: HeadNode | WorkerNode, config: Config) -> AsyncIterator[None]:
+    """The node's final cleanup, whatever ended its loop: idempotent (a drain has
+    usually done it already) and bounded, and never the reason the rest is skipped."""
+    try:
+        yield
+    finally:
+        try:
+            await asyncio.wait_for(node.shutdown(config.drain_timeout), config.drain_timeout + CLEANUP_MARGIN_S)
+        except Exception as exc:
+            log.error("cleanup_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+# Once the node has stopped, calls still running in threads get this long to end; then
+# the process exits without them. A thread cannot be cancelled, and a Ray call into a
+# head whose Ray hangs never returns: the driver waits for its GCS for as long as
+# RAY_gcs_rpc_server_reconnect_timeout_s (days; ray_adapter). The interpreter waits
+# for every thread at exit, so one such call kept a drained worker alive for minutes.
+STUCK_CALLS_WAIT_S = 1.0
+
+
+class CallPool(ThreadPoolExecutor):
+    """The loop's default executor (asyncio.to_thread): it knows which calls still run."""
+
+    def __init__(self) -> None:
+        super().__init__(thread_name_prefix="call")
+        self.running: dict[Future, str] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        future = super().submit(fn, *args, **kwargs)
+        with self._lock:
+            self.running[future] = _call_name(fn)
+        future.add_done_callback(self._ended)
+        return future
+
+    def _ended(self, future: Future) -> None:
+        with self._lock:
+            self.running.pop(future, None)
+
+    async def stuck_calls(self, timeout: float) -> list[str]:
+        """The calls still running after waiting up to `timeout` for them."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.running and loop.time() < end:
+            await asyncio.sleep(0.05)
+        with self._lock:
+            return sorted(self.running.values())
+
+
+def _call_name(fn: Callable) -> str:
+    if isinstance(fn, functools.partial) and fn.args:  # asyncio.to_thread: partial(context.run, f, ...)
+        fn = fn.args[0]
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}".lstrip(".")
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with `code` without waiting for its threads (nor atexit hooks)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
-    """Run one node until STOPPED. `stop`, when set, drains it as SIGTERM would."""
+    """Run one node until STOPPED. `stop`, when set, drains it as SIGTERM would.
+
+    What it starts (signal handlers, the stop watch, the control server, the
+    gateway, the node) goes on an exit stack as it starts: it is torn down in the
+    reverse order, whatever fails and wherever, and only what did start. A call
+    stuck in a thread past that (STUCK_CALLS_WAIT_S) does not keep the process:
+    it exits at once, with the code it would have returned.
+    """
     loop = asyncio.get_running_loop()
+    calls = CallPool()
+    loop.set_default_executor(calls)
     role = Role(config.role)
     board = Board(clock=loop.time)  # one clock, the loop's, for every timestamp the node compares
     ray = RayAdapter(config.node_ip_address)
@@ -64,49 +196,39 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
             if gateway is not None:
                 gateway.start_draining()  # new requests get 503 from now, not from the next tick
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_drain, f"{signal.Signals(sig).name} received")
-    stop_watch = None
-    if stop is not None:
-        async def _watch_stop() -> None:
-            await stop.wait()
-            request_drain("stop requested")
-        stop_watch = loop.create_task(_watch_stop())
-
-    server = None
-    if isinstance(node, HeadNode):
-        server = ControlServer(config.control_host, config.control_port,
-                               state=lambda: node_loop.state, ready=node.ready, status=node.status,
-                               request_drain=request_drain, metrics=node.metrics_text)
+    fatal: str | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(drain_on_signals(loop, request_drain))
+        if stop is not None:
+            await stack.enter_async_context(drain_when_set(stop, request_drain))
         try:
-            await server.start()
-            if gateway is not None:
-                await gateway.start()
-        except OSError as exc:
-            await server.stop()
-            log.error("fatal", reason=str(exc))
-            return fail(str(exc), EXIT_FATAL)
-
-    log.info("controller_starting", config=config.printable())
-    try:
-        result = await node_loop.run()
-    finally:
-        try:
-            await asyncio.wait_for(node.shutdown(config.drain_timeout),
-                                   config.drain_timeout + CLEANUP_MARGIN_S)
-        except Exception as exc:
-            log.error("cleanup_failed", error=f"{type(exc).__name__}: {exc}")
-        if gateway is not None:
-            await gateway.stop()
-        if server is not None:
-            await server.stop()
-        if stop_watch is not None:
-            stop_watch.cancel()
-    if result.fatal_reason:
-        log.error("fatal", reason=result.fatal_reason)
-        return fail(result.fatal_reason, EXIT_FATAL)
-    log.info("stopped", state=result.state.value)
-    return EXIT_OK
+            if isinstance(node, HeadNode):
+                await stack.enter_async_context(serving(
+                    ControlServer(config.control_host, config.control_port,
+                                  state=lambda: node_loop.state, ready=node.ready, status=node.status,
+                                  request_drain=request_drain, metrics=node.metrics_text)))
+                if gateway is not None:
+                    await stack.enter_async_context(serving(gateway))
+        except OSError as exc:  # a port taken: nothing of the node started yet
+            fatal = str(exc)
+        else:
+            await stack.enter_async_context(node_stopped_at_exit(node, config))
+            log.info("controller_starting", config=config.printable())
+            result = await node_loop.run()
+            fatal = result.fatal_reason
+    stuck = await calls.stuck_calls(STUCK_CALLS_WAIT_S)
+    if stuck:
+        log.warning("exit_without_waiting_for_calls", calls=stuck, waited_s=STUCK_CALLS_WAIT_S)
+    # Reported after the teardown, so that the reason is the last log line and on stderr.
+    if fatal:
+        log.error("fatal", reason=fatal)
+        code = fail(fatal, EXIT_FATAL)
+    else:
+        log.info("stopped", state=result.state.value)
+        code = EXIT_OK
+    if stuck:
+        exit_now(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
