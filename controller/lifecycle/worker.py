@@ -27,6 +27,19 @@ from states import Moved, Observation, State
 LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
 MONITORS = ("heartbeat", "watch", "gcs_cli_monitor")
 
+# Stopping this node's Ray once the drain's time is spent, whatever state the rest
+# of the cluster is in: a worker told to stop is gone within its drain timeout plus
+# RAY_STOP_BOUND_S, its head there to release it or not. The parts, measured here:
+# ray.shutdown() takes about 5 s when the head's GCS is gone (Ray flushes its task
+# events to the GCS for up to 5 s, task_events_shutdown_flush_timeout_ms), well under
+# one otherwise; a raylet whose GCS is gone takes 10 s to exit on SIGTERM, one whose
+# GCS is there well under a second: it gets RAY_TERM_GRACE_S, then SIGKILL, and the
+# kernel up to 5 s more (processes.terminate) to end what was killed.
+RAY_SHUTDOWN_S = 6.0
+RAY_TERM_GRACE_S = 2.0
+RAY_KILL_WAIT_S = 5.0
+RAY_STOP_BOUND_S = RAY_SHUTDOWN_S + RAY_TERM_GRACE_S + RAY_KILL_WAIT_S
+
 
 class JoinError(RuntimeError):
     """One join attempt failed; another may succeed."""
@@ -38,6 +51,7 @@ class JoinRefused(RuntimeError):
 
 class WorkerNode(NodeBase):
     _join_attempt = 1  # of the join under way: the head counts the retries
+    _stopping: asyncio.Future | None = None  # set once the node began to stop; done once it stopped
 
     # -- Effects protocol --------------------------------------------------------------
 
@@ -162,51 +176,74 @@ class WorkerNode(NodeBase):
                 await asyncio.sleep(1.0)
 
     async def _release_ray(self) -> None:
+        """Close the driver and stop this node's Ray processes: at most RAY_STOP_BOUND_S."""
         self.coordinator = None
-        await self.ray.disconnect()
-        await self.ray.stop_node()
+        await self.ray.disconnect(timeout=RAY_SHUTDOWN_S)
+        await self.ray.stop_node(grace=RAY_TERM_GRACE_S)
 
     # -- leaving -------------------------------------------------------------------------
 
     async def _leave(self) -> None:
-        await self._wait_released(self.config.drain_timeout)
-        await self.shutdown(self.config.drain_timeout)
+        """The drain: one deadline, the drain timeout from now, for everything that waits
+        on others (the head's release, the coordinator, the last reports); stopping Ray
+        follows within RAY_STOP_BOUND_S, whether or not the head is there."""
+        deadline = self.clock() + self.config.drain_timeout
+        await self._wait_released(deadline)
+        await self._stop(deadline)
         self.board.set(drained=True)
 
-    async def _wait_released(self, timeout: float) -> None:
+    async def _wait_released(self, deadline: float) -> None:
         """A worker that drains alone (the cluster runs on) hosts a replica with requests
-        in flight: wait, bounded, until the head has retired it and released this node,
-        so that stopping Ray cuts no request short. Nothing to wait for when the whole
-        cluster drains (the head stops the replicas first) or when this node has none."""
+        in flight: wait, until `deadline` at most, until the head has retired it and
+        released this node, so that stopping Ray cuts no request short. Nothing to wait
+        for when the whole cluster drains (the head stops the replicas first) or when
+        this node has none. Every coordinator call is cut at the deadline: a head that
+        is gone or hung costs no more than the drain timeout."""
         if self.coordinator is None:
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        coordinator = self.coordinator
         try:
-            await self._flush_reports(2.0)  # the head must see DRAINING to retire the replica
-            snap = await self.coordinator.snapshot()
+            await self.flush_reports(min(2.0, self._left(deadline)))  # the head must see DRAINING
+            snap = await asyncio.wait_for(coordinator.snapshot(), self._left(deadline))
             mine = [r for r in snap.replicas if r.node_id == self.config.node_id]
             if snap.desired is Desired.DRAIN or not mine:
                 return
-            log.info("waiting_for_release", replica_id=mine[0].replica_id, timeout_s=timeout)
+            log.info("waiting_for_release", replica_id=mine[0].replica_id, timeout_s=round(self._left(deadline), 2))
+            started = self.clock()
             info = snap
             while self.config.node_id not in info.released and info.desired is not Desired.DRAIN:
-                remaining = deadline - loop.time()
+                remaining = self._left(deadline)
                 if remaining <= 0:
-                    log.warning("release_wait_timed_out", timeout_s=timeout)
+                    log.warning("release_wait_timed_out", waited_s=round(self.clock() - started, 2))
                     return
-                info = await self.coordinator.wait_for_change(info.version, min(remaining, 10.0))
-            log.info("released", waited_s=round(timeout - (deadline - loop.time()), 2))
-        except Exception as exc:  # the head is gone or unreachable: nothing to wait for
+                info = await asyncio.wait_for(coordinator.wait_for_change(info.version, min(remaining, 10.0)),
+                                              remaining)
+            log.info("released", waited_s=round(self.clock() - started, 2))
+        except Exception as exc:  # the head is gone, hung or unreachable: nothing to wait for
             log.warning("release_wait_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def shutdown(self, timeout: float = 30.0) -> None:
-        """Leave the cluster: monitors off, driver closed, our Ray processes stopped."""
-        if self._shutdown_done:
+        """Leave the cluster within `timeout` plus RAY_STOP_BOUND_S. Idempotent: a call
+        while the drain's own stop is under way waits for that one."""
+        await self._stop(self.clock() + timeout)
+
+    async def _stop(self, deadline: float) -> None:
+        """Monitors off and the last reports sent, until `deadline` at most; then the
+        driver closed and our Ray processes stopped, within RAY_STOP_BOUND_S."""
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)  # bounded: that stop is
             return
+        self._stopping = asyncio.get_running_loop().create_future()
         self._shutdown_done = True
-        await self.tasks.cancel(*MONITORS, "join")
-        await self._flush_reports(2.0)  # let the DRAINING report reach the coordinator
-        await self.tasks.cancel_all()
-        await self._release_ray()
-        log.info("worker_left", at=iso_now())
+        try:
+            await self.tasks.cancel(*MONITORS, "join", timeout=self._left(deadline))
+            await self.flush_reports(min(2.0, self._left(deadline)))  # the DRAINING report, if it can go
+            await self.tasks.cancel_all(timeout=self._left(deadline))
+            await self._release_ray()
+            log.info("worker_left", at=iso_now())
+        finally:
+            self._stopping.set_result(None)
+
+    def _left(self, deadline: float) -> float:
+        """Seconds until `deadline`; 0 once it passed (a cancelled task then ends on its own)."""
+        return max(0.0, deadline - self.clock())
