@@ -73,18 +73,41 @@ def test_openai_client_through_the_gateway(gw):
     assert any(e["completion_tokens"] == 4 and e["status"] == 200 and e["replica_id"] for e in log)
 
 
+def stream_events(gw) -> list[dict]:
+    """The gateway's `request` events of streams, oldest first (with their relay figures)."""
+    return [e for e in gw.head.events() if e["event"] == "request" and "upstream_reads" in e]
+
+
 def test_streaming_passes_tokens_as_they_are_generated(gw):
-    stream = client(gw).completions.create(model="tiny", prompt="a long answer", max_tokens=96, stream=True,
-                                           temperature=0, extra_body={"ignore_eos": True})
+    """The gateway writes each chunk of a stream on as soon as it has read it from
+    the replica, judged by the gateway's own figures for the stream (its `request`
+    event), not by when this client got round to reading: on this busy 2-core
+    machine a client that reads half a second late gets a whole stream within
+    15 ms (CI once saw 96 chunks within 14 ms), a starved head reads a backlog at
+    once, and the engine itself at times sends a whole stream's token events at
+    once; none of that is the gateway holding chunks. A gateway that held chunks
+    back fails here (held for most of the generation); one that waited for the
+    replica's whole answer fails in tests/unit/test_gateway_relay.py, where the
+    replica sends each chunk only once the client has the one before."""
+    logged = len(stream_events(gw))
+    stream = client(gw).completions.create(model="tiny", prompt="a long answer", max_tokens=480, stream=True,
+                                           temperature=0, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True})
     arrivals = []
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             arrivals.append(time.monotonic())
-    assert len(arrivals) >= 48
-    # Relayed chunk by chunk: the first arrives well before the last is generated,
-    # and the arrivals are spread over the generation, not delivered in one burst.
-    assert arrivals[-1] - arrivals[0] > 0.1, arrivals[-1] - arrivals[0]
-    assert arrivals[len(arrivals) // 2] - arrivals[0] > 0.03
+    assert len(arrivals) >= 240  # chunks are not tokens (see above), but most are
+    event = tk.wait_for(lambda: next((e for e in stream_events(gw)[logged:] if e["completion_tokens"] == 480), None),
+                        10, 0.1, what="the stream logged")
+    print(f"480 tokens: the gateway read {event['upstream_reads']} chunks over {event['upstream_span_ms']} ms, held "
+          f"each at most {event['max_relay_ms']} ms ({event['relays_over_10ms']} over 10 ms); this client got "
+          f"{len(arrivals)} text chunks over {round((arrivals[-1] - arrivals[0]) * 1000, 1)} ms")
+    assert event["status"] == 200 and event["upstream_reads"] >= 1
+    # Held under 10 ms, 95% of chunks at least: a loaded machine held 4224 chunks 0.07 ms at
+    # the median, 9.9 ms at most, and another run 1 of 143 for 12.7 ms (the gateway preempted
+    # between read and write, as its write woke the client); a buffer holds nearly every chunk.
+    assert event["relays_over_10ms"] <= max(2, event["upstream_reads"] // 20), event
 
 
 def test_the_sweep_benchmark_runs_against_the_gateway(gw, tmp_path):
