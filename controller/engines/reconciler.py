@@ -162,7 +162,7 @@ class EngineReconciler(Reconciler):
         self.replicas.ensure([m for m in snap.members if m.serving_capacity], leaving=leaving)
         self._poll_when_due()
         statuses = self.replicas.statuses()  # each replica's last answer to a poll
-        self.gateway.update_replicas([s.as_dict() for s in statuses])
+        self.gateway.update_replicas(statuses)
         await self.coordinator.set_replicas(statuses)
         # Ready means a ready replica for every wanted node, not for the nodes seen
         # at this poll: a node that just joined has no replica yet, and the cluster
@@ -279,7 +279,7 @@ class ShardedReconciler(Reconciler):
         if problem:
             raise FatalError(problem)
         statuses: list[ReplicaStatus] = self.sharded.statuses()
-        self.gateway.update_replicas([s.as_dict() for s in statuses])
+        self.gateway.update_replicas(statuses)
         await self.coordinator.set_replicas(statuses)
         self.board.set(engines_ready=self.sharded.ready())
         self._publish_failure(self.sharded.failure())

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+
+from controller.cluster.records import ReplicaStatus
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Replica:
     url: str
     ready: bool = False       # the supervisor's word
     unhealthy: str | None = None  # the gateway's own signal: why, while marked
-    last_ok: float | None = None  # time.monotonic() of its last good answer (request or /health)
+    last_ok: float | None = None  # when (the gateway's clock) it last answered well (request or /health)
     retiring: bool = False    # its node drains: no new requests, the ones in flight finish
     in_flight: int = 0
     served: int = 0
@@ -35,20 +36,19 @@ class Pool:
     rng: random.Random = field(default_factory=random.Random)
     replicas: dict[str, Replica] = field(default_factory=dict)
 
-    def update(self, statuses: list[dict[str, Any]]) -> None:
+    def update(self, statuses: list[ReplicaStatus]) -> None:
         """The supervisors' view: replicas appear, change URL (a restarted engine may
         get a new port), change state, or go."""
         seen = set()
         for s in statuses:
-            if not s.get("url"):
+            if not s.url:
                 continue
-            rid = s["replica_id"]
-            seen.add(rid)
-            r = self.replicas.get(rid)
-            if r is None or r.url != s["url"]:
+            seen.add(s.replica_id)
+            r = self.replicas.get(s.replica_id)
+            if r is None or r.url != s.url:
                 # A new engine: requests still on the old one release the old entry.
-                r = self.replicas[rid] = Replica(rid, s["url"])
-            r.ready = s.get("state") == "READY"
+                r = self.replicas[s.replica_id] = Replica(s.replica_id, s.url)
+            r.ready = s.ready
         for rid in set(self.replicas) - seen:
             del self.replicas[rid]
 

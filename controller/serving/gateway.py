@@ -26,6 +26,7 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
+from controller.cluster.records import ReplicaStatus
 from controller.serving.balancer import Pool, Replica
 from controller.logs import log
 from controller.surface.metrics import Metrics
@@ -69,8 +70,11 @@ class Gateway:
     def __init__(self, host: str, port: int, *, api_key: str | None = None, max_body_bytes: int = 4 * 2**20,
                  request_timeout: float = 600.0, max_in_flight: int = 64,
                  on_unhealthy: Callable[[str, float], None] | None = None, liveness_interval: float = 0.5,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.host = host
+        # The node's clock: a replica's last good answer is the first sign of its
+        # failure, compared with the board's times (durations use perf_counter).
+        self.clock = clock
         self.port = port
         self._api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
@@ -149,7 +153,7 @@ class Gateway:
 
     # -- the supervisors' view and the gateway's own -------------------------------------
 
-    def update_replicas(self, statuses: list[dict[str, Any]]) -> None:
+    def update_replicas(self, statuses: list[ReplicaStatus]) -> None:
         self.pool.update(statuses)
         self._notify()
 
@@ -176,7 +180,7 @@ class Gateway:
             log.warning("replica_marked_unhealthy", replica_id=replica.replica_id, reason=reason)
             if self.on_unhealthy is not None:
                 # The failure began after the replica's last good answer.
-                since = replica.last_ok if replica.last_ok is not None else time.monotonic()
+                since = replica.last_ok if replica.last_ok is not None else self.clock()
                 self.on_unhealthy(f"{replica.replica_id} is unhealthy: {reason}", since)
 
     async def _watch_replicas(self) -> None:
@@ -206,7 +210,7 @@ class Gateway:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return
         if healthy:
-            r.last_ok = time.monotonic()
+            r.last_ok = self.clock()
         if healthy and r.unhealthy is not None and self.pool.replicas.get(r.replica_id) is r:
             self.pool.clear(r.replica_id)
             log.info("replica_cleared", replica_id=r.replica_id)
@@ -368,7 +372,7 @@ class Gateway:
                 upstream.release()
                 replica.in_flight -= 1
             replica.served += 1
-            replica.last_ok = time.monotonic()
+            replica.last_ok = self.clock()
             return response, replica.replica_id, len(tried), tokens
 
     async def _acquire(self, tried: set[str]) -> Replica | None:

@@ -4,12 +4,13 @@ limits, and unhealthy marks."""
 import random
 from collections import Counter
 
+from controller.cluster.records import ReplicaState, ReplicaStatus
 from controller.serving.balancer import Pool
 
 
 def pool(*states: str, limit: int = 4) -> Pool:
     p = Pool(max_in_flight=limit, rng=random.Random(7))
-    p.update([{"replica_id": f"r{i}", "url": f"http://10.0.0.{i}:8000", "state": s} for i, s in enumerate(states)])
+    p.update([ReplicaStatus(f"r{i}", None, f"http://10.0.0.{i}:8000", ReplicaState(s)) for i, s in enumerate(states)])
     return p
 
 
@@ -36,8 +37,8 @@ def test_a_mark_is_reported_once_and_held_until_cleared():
     assert p.mark_unhealthy("r1", "reset") is True
     assert p.mark_unhealthy("r1", "reset again") is False
     assert [r.replica_id for r in p.marked()] == ["r1"]
-    p.update([{"replica_id": "r0", "url": "http://10.0.0.0:8000", "state": "READY"},
-              {"replica_id": "r1", "url": "http://10.0.0.1:8000", "state": "READY"}])
+    p.update([ReplicaStatus("r0", None, "http://10.0.0.0:8000", ReplicaState("READY")),
+              ReplicaStatus("r1", None, "http://10.0.0.1:8000", ReplicaState("READY"))])
     assert p.replicas["r1"].unhealthy == "reset"  # the supervisor's READY alone does not clear it
     p.clear("r1")
     assert {r.replica_id for r in p.available()} == {"r0", "r1"}
@@ -47,7 +48,7 @@ def test_a_restarted_engine_on_a_new_port_is_a_new_replica_and_gone_ones_leave()
     p = pool("READY", "READY")
     p.mark_unhealthy("r1", "refused")
     p.replicas["r1"].in_flight = 1
-    p.update([{"replica_id": "r1", "url": "http://10.0.0.1:9000", "state": "READY"}])
+    p.update([ReplicaStatus("r1", None, "http://10.0.0.1:9000", ReplicaState("READY"))])
     assert set(p.replicas) == {"r1"}
     r1 = p.replicas["r1"]
     assert r1.unhealthy is None and r1.url.endswith(":9000") and r1.in_flight == 0
@@ -58,6 +59,6 @@ def test_a_retiring_replica_takes_no_new_request_and_says_what_is_in_flight():
     p.replicas["r0"].in_flight = 2
     assert p.retire("r0") == 2 and p.retire("nope") is None
     assert [p.pick().replica_id for _ in range(20)] == ["r1"] * 20
-    p.update([{"replica_id": "r0", "url": "http://10.0.0.0:8000", "state": "READY"},
-              {"replica_id": "r1", "url": "http://10.0.0.1:8000", "state": "READY"}])
+    p.update([ReplicaStatus("r0", None, "http://10.0.0.0:8000", ReplicaState("READY")),
+              ReplicaStatus("r1", None, "http://10.0.0.1:8000", ReplicaState("READY"))])
     assert p.replicas["r0"].retiring  # the supervisors' next report does not bring it back

@@ -5,12 +5,13 @@ import asyncio
 
 from aiohttp import web
 
+from controller.cluster.records import ReplicaState, ReplicaStatus
 from controller.serving.gateway import Gateway
 
 
 async def test_a_request_waits_for_a_free_slot_then_gets_one():
     gw = Gateway("127.0.0.1", 0, max_in_flight=1)
-    gw.update_replicas([{"replica_id": "r0", "url": "http://10.0.0.1:8000", "state": "READY"}])
+    gw.update_replicas([ReplicaStatus("r0", None, "http://10.0.0.1:8000", ReplicaState("READY"))])
     first = await gw._acquire(set())
     first.in_flight += 1
     waiter = asyncio.create_task(gw._acquire(set()))
@@ -23,10 +24,10 @@ async def test_a_request_waits_for_a_free_slot_then_gets_one():
 
 async def test_no_ready_replica_means_no_wait():
     gw = Gateway("127.0.0.1", 0)
-    gw.update_replicas([{"replica_id": "r0", "url": "http://10.0.0.1:8000", "state": "STARTING"}])
+    gw.update_replicas([ReplicaStatus("r0", None, "http://10.0.0.1:8000", ReplicaState("STARTING"))])
     assert await asyncio.wait_for(gw._acquire(set()), 1) is None
     assert not gw.can_serve()
-    gw.update_replicas([{"replica_id": "r0", "url": "http://10.0.0.1:8000", "state": "READY"}])
+    gw.update_replicas([ReplicaStatus("r0", None, "http://10.0.0.1:8000", ReplicaState("READY"))])
     assert gw.can_serve()
     gw.start_draining()
     assert not gw.can_serve()
@@ -52,7 +53,7 @@ async def test_an_idle_replica_that_stops_answering_is_marked_within_an_interval
                  liveness_interval=0.05)
     await gw.start()
     try:
-        gw.update_replicas([{"replica_id": "r0", "url": f"http://127.0.0.1:{port}", "state": "READY"}])
+        gw.update_replicas([ReplicaStatus("r0", None, f"http://127.0.0.1:{port}", ReplicaState("READY"))])
         await asyncio.sleep(0.3)
         assert gw.failure() is None and not signals  # answering: nothing marked
         await runner.cleanup()  # the engine is gone: its port refuses

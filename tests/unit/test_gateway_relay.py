@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from controller.cluster.records import ReplicaState, ReplicaStatus
 from controller.serving.gateway import Gateway, RelayFigures
 
 EVENTS = 8
@@ -58,7 +59,7 @@ async def test_each_chunk_reaches_the_client_before_the_replica_sends_the_next()
     gw = Gateway("127.0.0.1", 0, liveness_interval=60)
     await gw.start()
     try:
-        gw.update_replicas([{"replica_id": "r0", "url": f"http://127.0.0.1:{port}", "state": "READY"}])
+        gw.update_replicas([ReplicaStatus("r0", None, f"http://127.0.0.1:{port}", ReplicaState("READY"))])
         gw_port = gw._runner.addresses[0][1]
         lines = []
         with capture_logs() as logs:
@@ -111,7 +112,7 @@ async def test_a_plain_answer_logs_no_relay_figures():
     gw = Gateway("127.0.0.1", 0, liveness_interval=60)
     await gw.start()
     try:
-        gw.update_replicas([{"replica_id": "r0", "url": f"http://127.0.0.1:{port}", "state": "READY"}])
+        gw.update_replicas([ReplicaStatus("r0", None, f"http://127.0.0.1:{port}", ReplicaState("READY"))])
         with capture_logs() as logs:
             async with aiohttp.ClientSession() as session:
                 async with session.post(f"http://127.0.0.1:{gw._runner.addresses[0][1]}/v1/completions",
