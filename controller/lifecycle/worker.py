@@ -22,9 +22,8 @@ from controller.cluster.monitors import CoordinatorWatch, GcsCliMonitor
 from controller.lifecycle.node import NodeBase
 from controller.cluster.ray_adapter import RayError
 from controller.lifecycle.tasks import every
-from states import Moved, Observation, State
+from states import LIVE_STATES, Moved, Observation, State
 
-LIVE_STATES = (State.WAITING_FOR_WORKERS, State.SERVING, State.DEGRADED)
 MONITORS = ("heartbeat", "watch", "gcs_cli_monitor")
 
 # Stopping this node's Ray once the drain's time is spent, whatever state the rest
