@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Callable
 
 from controller import processes
 from controller.cluster import ray_token
@@ -117,6 +118,20 @@ class RayHead:
         log.info("coordinator_reattached", epoch=coordinator.epoch, previous_pid=head.pid,
                  members=len(snap.members))
         return coordinator
+
+    async def wait_workers_gone(self, remaining: Callable[[], float]) -> None:
+        """Wait until no other Ray node is alive, while `remaining()` is above 0."""
+        while remaining() > 0:
+            try:
+                others = [n for n in await self.ray.alive_nodes() if n["NodeID"] != self.ray_node_id]
+            except RayError as exc:
+                log.warning("drain_wait_failed", error=str(exc))
+                return
+            if not others:
+                log.info("workers_gone")
+                return
+            await asyncio.sleep(0.5)
+        log.warning("drain_timeout_workers_remain")
 
     async def _own_address(self) -> str:
         for node in await self.ray.alive_nodes():

@@ -214,26 +214,13 @@ class HeadNode(NodeBase):
         try:
             await self.coordinator.set_desired("drain")
             log.info("workers_told_to_drain")
-            await self._wait_workers_gone()
+            await self.ray_head.wait_workers_gone(self._remaining)
             members = (await self.coordinator.snapshot()).members
         except Exception as exc:
             log.warning("drain_coordination_failed", error=f"{type(exc).__name__}: {exc}")
         await self.flush_reports(1.0)
         if self.local.started:
             self.left |= await self.local.stop(members, grace=self._remaining(1.0))
-
-    async def _wait_workers_gone(self) -> None:
-        while self._remaining() > 0:
-            try:
-                others = [n for n in await self.ray.alive_nodes() if n["NodeID"] != self.ray_node_id]
-            except RayError as exc:
-                log.warning("drain_wait_failed", error=str(exc))
-                return
-            if not others:
-                log.info("workers_gone")
-                return
-            await asyncio.sleep(0.5)
-        log.warning("drain_timeout_workers_remain")
 
     async def _stop_ray(self) -> None:
         self.coordinator = None
