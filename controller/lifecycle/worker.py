@@ -26,18 +26,22 @@ from states import LIVE_STATES, Moved, Observation, State
 
 MONITORS = ("heartbeat", "watch", "gcs_cli_monitor")
 
-# Stopping this node's Ray once the drain's time is spent, whatever state the rest
-# of the cluster is in: a worker told to stop is gone within its drain timeout plus
-# RAY_STOP_BOUND_S, its head there to release it or not. The parts, measured here:
-# ray.shutdown() takes about 5 s when the head's GCS is gone (Ray flushes its task
-# events to the GCS for up to 5 s, task_events_shutdown_flush_timeout_ms), well under
-# one otherwise; a raylet whose GCS is gone takes 10 s to exit on SIGTERM, one whose
-# GCS is there well under a second: it gets RAY_TERM_GRACE_S, then SIGKILL, and the
-# kernel up to 5 s more (processes.terminate) to end what was killed.
-RAY_SHUTDOWN_S = 6.0
+# Stopping, once the drain's time is spent, whatever state the rest of the cluster is
+# in: a worker told to stop is gone within its drain timeout plus STOP_BOUND_S, its
+# head there to release it or not. The parts, measured here: its tasks (monitors,
+# join, reporter) are cancelled twice and get TASK_CANCEL_S each time to end (they end
+# at once; the time is there because the deadline may have passed already).
+# ray.shutdown() takes 5.0 s when the head's GCS is gone (Ray flushes its task events
+# to the GCS for up to 5 s, task_events_shutdown_flush_timeout_ms) and never returns
+# when it hangs (cut at RAY_SHUTDOWN_S; the thread is left behind, see run_node), well
+# under a second otherwise. A raylet whose GCS is gone takes 10 s to exit on SIGTERM,
+# one whose GCS is there well under a second: it gets RAY_TERM_GRACE_S, then SIGKILL,
+# and the kernel up to RAY_KILL_WAIT_S (processes.terminate's) to end what was killed.
+TASK_CANCEL_S = 0.25
+RAY_SHUTDOWN_S = 5.5
 RAY_TERM_GRACE_S = 2.0
 RAY_KILL_WAIT_S = 5.0
-RAY_STOP_BOUND_S = RAY_SHUTDOWN_S + RAY_TERM_GRACE_S + RAY_KILL_WAIT_S
+STOP_BOUND_S = 2 * TASK_CANCEL_S + RAY_SHUTDOWN_S + RAY_TERM_GRACE_S + RAY_KILL_WAIT_S
 
 
 class JoinError(RuntimeError):
@@ -175,7 +179,7 @@ class WorkerNode(NodeBase):
                 await asyncio.sleep(1.0)
 
     async def _release_ray(self) -> None:
-        """Close the driver and stop this node's Ray processes: at most RAY_STOP_BOUND_S."""
+        """Close the driver and stop this node's Ray processes, in a fixed time (see STOP_BOUND_S)."""
         self.coordinator = None
         await self.ray.disconnect(timeout=RAY_SHUTDOWN_S)
         await self.ray.stop_node(grace=RAY_TERM_GRACE_S)
@@ -184,8 +188,8 @@ class WorkerNode(NodeBase):
 
     async def _leave(self) -> None:
         """The drain: one deadline, the drain timeout from now, for everything that waits
-        on others (the head's release, the coordinator, the last reports); stopping Ray
-        follows within RAY_STOP_BOUND_S, whether or not the head is there."""
+        on others (the head's release, the coordinator, the last reports); stopping
+        follows within STOP_BOUND_S, whether or not the head is there."""
         deadline = self.clock() + self.config.drain_timeout
         await self._wait_released(deadline)
         await self._stop(deadline)
@@ -222,27 +226,27 @@ class WorkerNode(NodeBase):
             log.warning("release_wait_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def shutdown(self, timeout: float = 30.0) -> None:
-        """Leave the cluster within `timeout` plus RAY_STOP_BOUND_S. Idempotent: a call
+        """Leave the cluster within `timeout` plus STOP_BOUND_S. Idempotent: a call
         while the drain's own stop is under way waits for that one."""
         await self._stop(self.clock() + timeout)
 
     async def _stop(self, deadline: float) -> None:
         """Monitors off and the last reports sent, until `deadline` at most; then the
-        driver closed and our Ray processes stopped, within RAY_STOP_BOUND_S."""
+        driver closed and our Ray processes stopped: all within STOP_BOUND_S after it."""
         if self._stopping is not None:
             await asyncio.shield(self._stopping)  # bounded: that stop is
             return
         self._stopping = asyncio.get_running_loop().create_future()
         self._shutdown_done = True
         try:
-            await self.tasks.cancel(*MONITORS, "join", timeout=self._left(deadline))
+            await self.tasks.cancel(*MONITORS, "join", timeout=max(TASK_CANCEL_S, self._left(deadline)))
             await self.flush_reports(min(2.0, self._left(deadline)))  # the DRAINING report, if it can go
-            await self.tasks.cancel_all(timeout=self._left(deadline))
+            await self.tasks.cancel_all(timeout=max(TASK_CANCEL_S, self._left(deadline)))
             await self._release_ray()
             log.info("worker_left", at=iso_now())
         finally:
             self._stopping.set_result(None)
 
     def _left(self, deadline: float) -> float:
-        """Seconds until `deadline`; 0 once it passed (a cancelled task then ends on its own)."""
+        """Seconds until `deadline`; 0 once it passed."""
         return max(0.0, deadline - self.clock())

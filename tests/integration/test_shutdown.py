@@ -19,7 +19,7 @@ import pytest
 
 from controller import processes
 from controller import testing as tk
-from controller.lifecycle.worker import RAY_STOP_BOUND_S
+from controller.lifecycle.worker import STOP_BOUND_S
 from controller.surface.cli import STUCK_CALLS_WAIT_S
 
 from .conftest import SERVING_TIMEOUT, head_args
@@ -119,7 +119,7 @@ def test_a_worker_whose_head_is_gone_stops_within_its_bound(tmp_path, head_loss)
     `hung`: the head's Ray is frozen (SIGSTOP), every call to it hangs, ray.shutdown()
     among them (the worker used to stay alive for minutes after its drain)."""
     drain_timeout = 1.0
-    bound = drain_timeout + RAY_STOP_BOUND_S + STUCK_CALLS_WAIT_S
+    bound = drain_timeout + STOP_BOUND_S + STUCK_CALLS_WAIT_S
     ray_port, control_port = tk.free_port(), tk.free_port()
     state = tmp_path / "state"
     head = tk.start_controller(head_args(ray_port, control_port, state, "--node-ip-address", LONE_HEAD_IP,
