@@ -39,12 +39,14 @@ class TaskSet:
         asyncio.wait_for (3.11) swallows a cancellation that arrives as its awaitable
         completes, and the task would then go on to its next wait."""
         pending = {self._tasks.pop(n) for n in names if n in self._tasks}
+        for task in pending:
+            task.cancel()  # whatever time is left: a task is never forgotten uncancelled
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while pending and (left := deadline - loop.time()) > 0:
+            _, pending = await asyncio.wait(pending, timeout=min(left, RECANCEL_S))
             for task in pending:
                 task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=min(left, RECANCEL_S))
 
     async def cancel_all(self, timeout: float = 5.0) -> None:
         """Cancel every task but the caller's own (shutdown runs inside one)."""

@@ -213,3 +213,29 @@ async def test_a_failing_monitor_backs_off_instead_of_spinning():
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert 2 <= len(calls) <= 5  # an interval of 0 would otherwise have called it thousands of times
+
+
+async def test_cancel_cancels_even_with_no_time_left_and_again_when_a_cancel_is_swallowed():
+    import asyncio
+
+    from controller.lifecycle.tasks import TaskSet
+
+    tasks = TaskSet(lambda name, exc: None)
+    first = tasks.ensure("a", lambda: asyncio.sleep(60))
+    await asyncio.sleep(0)
+    await tasks.cancel("a", timeout=0)
+    await asyncio.sleep(0)
+    assert first.cancelled()
+    swallowed = []
+
+    async def stubborn():  # as asyncio.wait_for (3.11) does when its awaitable completes as the cancel comes
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            swallowed.append(1)
+        await asyncio.sleep(60)
+
+    second = tasks.ensure("b", stubborn)
+    await asyncio.sleep(0)
+    await tasks.cancel("b", timeout=2.0)
+    assert second.cancelled() and swallowed == [1]
