@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -72,23 +73,29 @@ class OutputGuard:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except OSError:
-            self._failed()
+        except OSError as exc:
+            self._failed(exc)
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except OSError:
-            self._failed()
+        except OSError as exc:
+            self._failed(exc)
 
     def isatty(self) -> bool:
         return not self.failed and self._stream.isatty()
 
-    def _failed(self) -> None:
-        if not self.failed:
+    def _failed(self, exc: OSError) -> None:
+        """Only a reader that is gone for good silences the node; another error (a
+        full disk, a busy pipe) costs that one line."""
+        if exc.errno in GONE_FOR_GOOD and not self.failed:
             self.failed = True
             self._on_failure()
+
+
+# The terminal closed (EIO, ENXIO) or the pipe's reader left (EPIPE).
+GONE_FOR_GOOD = frozenset({errno.EIO, errno.EPIPE, errno.ENXIO})
 
 
 def discard_output() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -153,22 +154,19 @@ class RayAdapter:
             # processes can then be found and stopped as one group.
             start_new_session=True,
         )
-        # Recorded before waiting: a timed-out start still has a group to stop.
-        node = RayNode(pgid=proc.pid, started_here=True)
+        # This node's from the moment it exists: a start that is cancelled (a drain
+        # while joining) leaves daemons that stop_node() then stops with the rest.
+        node = self.node = RayNode(pgid=proc.pid, started_here=True)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)
         except asyncio.TimeoutError:
             await asyncio.to_thread(self._stop_group, node.pgid, 5.0)
+            self.node = None
             raise RayError(f"`ray start` did not finish within {timeout:g}s") from None
-        except asyncio.CancelledError:
-            # Stopped while starting (a drain during JOINING): the daemons `ray start`
-            # leaves behind are ours to stop, or nobody's.
-            await asyncio.shield(asyncio.to_thread(self._stop_group, node.pgid, 5.0))
-            raise
         if proc.returncode != 0:
             await asyncio.to_thread(self._stop_group, node.pgid, 5.0)
+            self.node = None
             raise RayError(f"`ray start` failed (exit {proc.returncode}): {_last_line(out)}")
-        self.node = node
         log.info("ray_started", pgid=node.pgid, args=args)
         return node
 
@@ -325,6 +323,10 @@ class RayAdapter:
             await asyncio.to_thread(processes.terminate, processes.tree(roots={proc.pid}), 1.0)
             await proc.wait()
             return f"`ray health-check --address {address}` did not answer within {timeout:g}s"
+        except asyncio.CancelledError:
+            # It runs in a session of its own and hangs ~40 s on a dead GCS: not left behind.
+            processes.signal_all(processes.tree(roots={proc.pid}), signal.SIGKILL)
+            raise
         if proc.returncode != 0:
             return f"`ray health-check --address {address}` failed: {_last_line(err) or proc.returncode}"
         return None

@@ -55,6 +55,7 @@ class HeadNode(NodeBase):
         self.deadline = 0.0  # of the shutdown under way
         self.left: set[int] = set()  # pids that survived their stop
         self._monitors_started = False
+        self._stopping: asyncio.Future | None = None  # set once the node began to stop; done once it stopped
         if self.gateway is not None:
             board.set(engines_ready=False)
 
@@ -184,9 +185,17 @@ class HeadNode(NodeBase):
 
     async def shutdown(self, timeout: float) -> None:
         """Ordered, bounded, idempotent: requests finished, engines stopped, workers
-        told and gone, then our Ray stopped."""
-        if self._shutdown_done:
+        told and gone, then our Ray stopped. A second call waits for the first."""
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
             return
+        self._stopping = asyncio.get_running_loop().create_future()
+        try:
+            await self._stop_all(timeout)
+        finally:
+            self._stopping.set_result(None)
+
+    async def _stop_all(self, timeout: float) -> None:
         self._shutdown_done = True
         self.deadline = self.clock() + timeout
         if self.gateway is not None:

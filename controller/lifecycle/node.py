@@ -109,5 +109,3 @@ class NodeBase:
                 await asyncio.wait_for(self._settled_event.wait(), left)
             except asyncio.TimeoutError:
                 return
-
-    _flush_reports = flush_reports  # the worker's leave path still uses the old name

@@ -59,16 +59,23 @@ DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 @contextlib.contextmanager
 def drain_on_signals(loop: asyncio.AbstractEventLoop, request_drain: Callable[[str], None]) -> Iterator[None]:
-    """DRAIN_SIGNALS drain the node while in effect; their defaults are back afterwards."""
+    """DRAIN_SIGNALS drain the node while in effect. A signal ignored when the node
+    started stays ignored (`nohup`: the operator asked it to outlive the terminal).
+    Afterwards they are ignored: the node is stopping, and a second Ctrl-C or SIGTERM
+    in its last moment must not turn a clean stop into a death by signal."""
     installed = []
     try:
         for sig in DRAIN_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                log.info("signal_stays_ignored", signal=sig.name)
+                continue
             loop.add_signal_handler(sig, request_drain, f"{sig.name} received")
             installed.append(sig)
         yield
     finally:
         for sig in reversed(installed):
             loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.asynccontextmanager
@@ -214,8 +221,11 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
         else:
             await stack.enter_async_context(node_stopped_at_exit(node, config))
             log.info("controller_starting", config=config.printable())
-            result = await node_loop.run()
-            fatal = result.fatal_reason
+            try:
+                fatal = (await node_loop.run()).fatal_reason
+            except Exception as exc:  # a bug: still torn down, reported, and no wait on stuck calls
+                log.exception("loop_failed")
+                fatal = f"the node's loop failed: {type(exc).__name__}: {exc}"
     stuck = await calls.stuck_calls(STUCK_CALLS_WAIT_S)
     if stuck:
         log.warning("exit_without_waiting_for_calls", calls=stuck, waited_s=STUCK_CALLS_WAIT_S)
@@ -224,7 +234,7 @@ async def run_node(config: Config, stop: asyncio.Event | None = None) -> int:
         log.error("fatal", reason=fatal)
         code = fail(fatal, EXIT_FATAL)
     else:
-        log.info("stopped", state=result.state.value)
+        log.info("stopped", state=node_loop.state.value)
         code = EXIT_OK
     if stuck:
         exit_now(code)

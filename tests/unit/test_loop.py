@@ -239,3 +239,26 @@ async def test_cancel_cancels_even_with_no_time_left_and_again_when_a_cancel_is_
     await asyncio.sleep(0)
     await tasks.cancel("b", timeout=2.0)
     assert second.cancelled() and swallowed == [1]
+
+
+async def test_drain_signals_keep_nohup_and_are_ignored_once_the_node_stops():
+    import asyncio
+    import signal
+
+    from controller.surface.cli import DRAIN_SIGNALS, drain_on_signals
+
+    saved = {sig: signal.getsignal(sig) for sig in DRAIN_SIGNALS}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # started under nohup
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        drains = []
+        loop = asyncio.get_running_loop()
+        with drain_on_signals(loop, drains.append):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # the operator's choice stands
+            signal.raise_signal(signal.SIGTERM)
+            await asyncio.sleep(0.05)
+            assert drains == ["SIGTERM received"]
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in DRAIN_SIGNALS)  # stopping: no death by signal
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
