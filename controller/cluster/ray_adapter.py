@@ -302,7 +302,7 @@ class RayAdapter:
         """None when the raylet of `node` (an entry of `nodes()`) accepts a TCP
         connection, else why not: a node whose processes died refuses at once,
         long before Ray's own health checks declare it dead."""
-        return await asyncio.to_thread(tcp_answers, node["NodeManagerAddress"], node["NodeManagerPort"], timeout)
+        return await RayAdapter.address_refuses(node["NodeManagerAddress"], node["NodeManagerPort"], timeout)
 
     async def cli_health_check(self, address: str, timeout: float = 5.0) -> str | None:
         """`ray health-check`: None when the GCS at `address` answers, else why not.

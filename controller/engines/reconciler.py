@@ -213,9 +213,11 @@ class EngineReconciler(Reconciler):
     async def _publish_health(self, snap: Snapshot) -> None:
         """Engine failures, and a failing replica whose node is gone as that node's loss."""
         suspects = {s.replica_id for s in self.replicas.failing()} | {r.replica_id for r in self.gateway.pool.marked()}
-        self._publish_failure(self.replicas.failure(), node_lost=await self._lost_node(snap, suspects))
+        failure = self.replicas.failure()
+        first_sign = self.gateway.failure() or failure
+        self._publish_failure(failure, node_lost=await self._lost_node(snap, suspects, first_sign))
 
-    async def _lost_node(self, snap: Snapshot, replica_ids: set[str]) -> str | None:
+    async def _lost_node(self, snap: Snapshot, replica_ids: set[str], first_sign: str | None) -> str | None:
         """Why the node of one of these failing replicas is gone, if one is. Each
         failing replica's node is checked once per failure (Ray's node list, then its
         raylet's port), not at every round while an engine restarts."""
@@ -229,7 +231,6 @@ class EngineReconciler(Reconciler):
             except Exception as exc:  # the GCS monitors say so; a node loss is not proven here
                 log.warning("node_check_failed", error=f"{type(exc).__name__}: {exc}")
                 return None
-            first_sign = self.gateway.failure() or self.replicas.failure()
             for m in fresh:
                 self._node_verdicts[replica_id_of(m.node_id)] = await self._node_gone(m, nodes, first_sign)
         return next((v for v in self._node_verdicts.values() if v), None)
