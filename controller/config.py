@@ -80,6 +80,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_body_bytes", int, 4 * 2**20, "largest request body the API accepts, bytes"),
     Option("request_timeout", float, 600.0, "seconds one API request may take"),
     Option("max_in_flight", int, 64, "requests in flight per replica; more wait in a queue"),
+    Option("max_continuations", int, 2, "times one request may be continued on another replica when its "
+           "replica fails mid-answer (0: never)"),
     Option("control_port", int, 8080, "control HTTP port on the head"),
     Option("control_host", str, "127.0.0.1", "address the control port binds to"),
     Option("drain_timeout", float, 30.0, "seconds a drain waits for in-flight work and workers"),
@@ -131,6 +133,7 @@ class Config:
     max_body_bytes: int
     request_timeout: float
     max_in_flight: int
+    max_continuations: int
     control_port: int
     control_host: str
     drain_timeout: float
@@ -360,6 +363,8 @@ def _validate(v: dict[str, Any]) -> Config:
                  "probe_interval", "request_timeout"):
         if not v[name] > 0:
             raise ConfigError(f"{name.replace('_', '-')} must be greater than 0, got {v[name]}")
+    if v["max_continuations"] < 0:
+        raise ConfigError(f"max-continuations must be 0 or more, got {v['max_continuations']}")
     if v["degraded_timeout"] < 0:
         raise ConfigError(f"degraded-timeout must be 0 (never) or more, got {v['degraded_timeout']}")
     for name in ("join_attempts", "failure_threshold", "tensor_parallel_size", "pipeline_parallel_size",

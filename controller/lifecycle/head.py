@@ -48,7 +48,8 @@ class HeadNode(NodeBase):
         self.gateway = None if config.engine != "vllm" else Gateway(
             config.serve_host, config.serve_port, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
             request_timeout=config.request_timeout, max_in_flight=config.max_in_flight,
-            on_unhealthy=self._gateway_signal, metrics=self.metrics, clock=self.clock)
+            max_continuations=config.max_continuations, on_unhealthy=self._gateway_signal, metrics=self.metrics,
+            clock=self.clock)
         self.view = StatusView(self, self.clock)
         self.since = iso_now()
         self.cleanup = AsyncExitStack()

@@ -19,6 +19,7 @@ from controller.cluster.coordinator import CoordinatorClient, Refused, iso_now
 from controller.cluster.records import Desired
 from controller.logs import log
 from controller.cluster.monitors import CoordinatorWatch, GcsCliMonitor
+from controller.engines.reconciler import SETTLING_POLL_S, STOP_REPLICA_TIMEOUT_S
 from controller.lifecycle.node import NodeBase
 from controller.cluster.ray_adapter import RayError
 from controller.lifecycle.tasks import every
@@ -42,6 +43,13 @@ RAY_SHUTDOWN_S = 5.5
 RAY_TERM_GRACE_S = 2.0
 RAY_KILL_WAIT_S = 5.0
 STOP_BOUND_S = 2 * TASK_CANCEL_S + RAY_SHUTDOWN_S + RAY_TERM_GRACE_S + RAY_KILL_WAIT_S
+# A worker that drains alone waits for the head's release past its own drain
+# timeout by this much: the head's drain deadline for the worker's replica starts
+# when the head sees the DRAINING report (a round later), and at that deadline the
+# head continues the requests still running elsewhere and stops the replica (up to
+# STOP_REPLICA_TIMEOUT_S) before it releases the worker. One clock decides, the
+# head's; this only bounds a head that never answers.
+RELEASE_GRACE_S = STOP_REPLICA_TIMEOUT_S + 4 * SETTLING_POLL_S + 2.0
 
 
 class JoinError(RuntimeError):
@@ -187,10 +195,11 @@ class WorkerNode(NodeBase):
     # -- leaving -------------------------------------------------------------------------
 
     async def _leave(self) -> None:
-        """The drain: one deadline, the drain timeout from now, for everything that waits
-        on others (the head's release, the coordinator, the last reports); stopping
-        follows within STOP_BOUND_S, whether or not the head is there."""
-        deadline = self.clock() + self.config.drain_timeout
+        """The drain: the head's release decides when this node's replica is done (the
+        head continues its last requests elsewhere at its own drain deadline), waited
+        for until the drain timeout plus RELEASE_GRACE_S at most; stopping follows
+        within STOP_BOUND_S, whether or not the head is there."""
+        deadline = self.clock() + self.config.drain_timeout + RELEASE_GRACE_S
         await self._wait_released(deadline)
         await self._stop(deadline)
         self.board.set(drained=True)

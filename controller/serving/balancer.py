@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from controller.cluster.records import ReplicaStatus
+from controller.serving.stalls import Progress
 
 
 @dataclass
@@ -25,9 +27,15 @@ class Replica:
     unhealthy: str | None = None  # the gateway's own signal: why, while marked
     last_ok: float | None = None  # when (the gateway's clock) it last answered well (request or /health)
     retiring: bool = False    # its node drains: no new requests, the ones in flight finish
+    pid: int | None = None    # its engine's process: another pid is another engine
+    stalled: bool = False     # marked because it made no progress (cleared by a real answer, not /health)
     in_flight: int = 0
     served: int = 0
     failed: int = 0
+    continued_away: int = 0   # requests continued elsewhere from here
+    stalls: int = 0
+    flights: set[Any] = field(default_factory=set)  # the gateway's requests on it now
+    progress: Progress = field(default_factory=Progress)
 
 
 @dataclass
@@ -45,10 +53,11 @@ class Pool:
                 continue
             seen.add(s.replica_id)
             r = self.replicas.get(s.replica_id)
-            if r is None or r.url != s.url:
+            if r is None or r.url != s.url or (s.pid is not None and r.pid is not None and r.pid != s.pid):
                 # A new engine: requests still on the old one release the old entry.
                 r = self.replicas[s.replica_id] = Replica(s.replica_id, s.url)
             r.ready = s.ready
+            r.pid = s.pid if s.pid is not None else r.pid
         for rid in set(self.replicas) - seen:
             del self.replicas[rid]
 
@@ -67,18 +76,18 @@ class Pool:
         """True when some available replica exists (full or not): worth queueing for."""
         return any(r.replica_id not in exclude for r in self.available())
 
-    def mark_unhealthy(self, replica_id: str, reason: str) -> bool:
+    def mark_unhealthy(self, replica_id: str, reason: str, stalled: bool = False) -> bool:
         """Returns True when this is a new mark (the first signal of this failure)."""
         r = self.replicas.get(replica_id)
         if r is None or r.unhealthy is not None:
             return False
-        r.unhealthy = reason
+        r.unhealthy, r.stalled = reason, stalled
         return True
 
     def clear(self, replica_id: str) -> None:
         r = self.replicas.get(replica_id)
         if r is not None:
-            r.unhealthy = None
+            r.unhealthy, r.stalled = None, False
 
     def retire(self, replica_id: str) -> int | None:
         """No new requests for this replica; returns its requests still in flight

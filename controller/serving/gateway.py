@@ -1,14 +1,25 @@
 """The gateway: the head's OpenAI-compatible front (`--serve-port`).
 
 Requests are checked here (API key, route, content type, size, JSON) and
-passed to a replica picked by `controller/balancer.py`, body and stream
-untouched: streamed tokens are relayed chunk by chunk as they arrive (a
-stream's `request` log event says how: the chunks read from the replica and
-how long the gateway held them before writing them on). A
-replica that refuses or resets the connection before any response byte is
-marked unhealthy at once (and the loop told) and the request is retried on
-another; a stream whose replica dies ends with an error event. Between
-requests, every replica's /health is watched the same way. In DRAINING new
+passed to a replica picked by `controller/balancer.py`. Every completion is
+read from its engine as a stream with token ids (`splice.py`), whatever the
+client asked for: streamed tokens are relayed as they arrive, event by event
+(a `request` log event says how: the reads from the replica and how long the
+gateway held them), and a client that asked for one JSON answer gets it built
+at the end.
+
+A client never sees a replica fail:
+- a replica that refuses the connection, or does not accept it within
+  CONNECT_TIMEOUT_S, is marked unhealthy at once (and the loop told) and the
+  request goes to another;
+- an answer cut short (the connection reset or closed mid-answer, the replica
+  stalled, its drain deadline passed) is continued on another replica from the
+  tokens already made and spliced into the same response (`splice.py`), at most
+  --max-continuations times and never past a second failing replica;
+- a replica whose requests all make no progress for longer than its learned
+  deadline (`stalls.py`) is suspected, confirmed stalled from its engine's own
+  token counters, marked, and its requests continued elsewhere.
+Between requests, every replica's /health is watched. In DRAINING new
 requests get 503 while the in-flight ones finish.
 
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
@@ -20,21 +31,24 @@ import asyncio
 import hmac
 import json
 import time
+import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
 
 from controller.cluster.records import ReplicaStatus
+from controller.engines.engine_metrics import read_counters
 from controller.serving.balancer import Pool, Replica
+from controller.serving.splice import EngineError, EventReader, Splice, why_not_continuable
 from controller.logs import log
 from controller.surface.metrics import Metrics
 
 POST_ROUTES = ("/v1/completions", "/v1/chat/completions")
 RETRY_AFTER_S = "1"
 REPLICA_KEEPALIVE_S = 4.0
-STREAM_TAIL_BYTES = 4096
 # A stream chunk the gateway held longer than this between reading it from the
 # replica and writing it to the client counts as a slow relay, logged as
 # relays_over_10ms (a write to a local socket takes microseconds; on a loaded
@@ -43,7 +57,23 @@ STREAM_TAIL_BYTES = 4096
 SLOW_RELAY_S = 0.010
 # Failures of a replica connection that happen before any response byte: the
 # request never reached an engine that answered, so it is safe to send elsewhere.
-NOTHING_RECEIVED = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# A connect that times out is a machine that does not answer at all (power loss,
+# partition): marked and retried at once, not waited on.
+NOTHING_RECEIVED = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                    aiohttp.ConnectionTimeoutError)
+# A loopback or LAN connect takes well under a millisecond; a live machine's kernel
+# answers a SYN at once, however busy its processes are.
+CONNECT_TIMEOUT_S = 1.0
+# A request that failed under this many replicas is not sent to another: it may be
+# what brings them down (a query of death).
+QUERY_OF_DEATH_FAILURES = 2
+# The stall watch: how often it looks, how long it waits between two readings of a
+# suspect's counters, and how long one reading may take.
+STALL_WATCH_S = 0.25
+STALL_CONFIRM_S = 0.5
+COUNTERS_TIMEOUT_S = 1.0
+# A stalled replica answers a one-token request within this before it is cleared.
+STALL_CLEAR_PROBE_S = 2.0
 
 
 def error_response(status: int, message: str, kind: str, code: str | None = None,
@@ -68,7 +98,7 @@ async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
 
 class Gateway:
     def __init__(self, host: str, port: int, *, api_key: str | None = None, max_body_bytes: int = 4 * 2**20,
-                 request_timeout: float = 600.0, max_in_flight: int = 64,
+                 request_timeout: float = 600.0, max_in_flight: int = 64, max_continuations: int = 2,
                  on_unhealthy: Callable[[str, float], None] | None = None, liveness_interval: float = 0.5,
                  metrics: Metrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.host = host
@@ -79,6 +109,7 @@ class Gateway:
         self._api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
+        self.max_continuations = max_continuations
         self.pool = Pool(max_in_flight=max_in_flight)
         self.on_unhealthy = on_unhealthy
         self.liveness_interval = liveness_interval
@@ -86,11 +117,16 @@ class Gateway:
         self.draining = False
         self.in_flight = 0
         self.counts: Counter[str] = Counter()
+        self.continuations: Counter[str] = Counter()  # by reason: disconnect, stall, drain
+        self.failed: Counter[str] = Counter()          # requests the gateway failed, by cause
+        self.stalls = 0
         # Set and replaced whenever load or the pool changes: waiters hold the old one.
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._watch: asyncio.Task | None = None
+        self._stall_watch: asyncio.Task | None = None
+        self._confirming: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -109,7 +145,7 @@ class Gateway:
             # Idle connections are closed before the engine's server closes them
             # (uvicorn: 5 s), so a pooled connection is not reset under a request.
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=REPLICA_KEEPALIVE_S),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
             auto_decompress=False,
         )
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
@@ -121,12 +157,14 @@ class Gateway:
             await self.stop()
             raise OSError(f"serve port {self.host}:{self.port} is not available: {exc.strerror or exc}") from None
         self._watch = asyncio.get_running_loop().create_task(self._watch_replicas())
+        self._stall_watch = asyncio.get_running_loop().create_task(self._watch_stalls())
         log.info("gateway_listening", host=self.host, port=self.port, api_key=bool(self._api_key))
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        for task in (self._watch, self._stall_watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -164,20 +202,33 @@ class Gateway:
     def can_serve(self) -> bool:
         return not self.draining and bool(self.pool.available())
 
+    def evacuate(self, replica_id: str, reason: str = "drain") -> int:
+        """End every request's stay on this replica now; their answers continue on
+        the others. Returns how many were moved."""
+        r = self.pool.replicas.get(replica_id)
+        return sum(f.interrupt(reason) for f in list(r.flights)) if r is not None else 0
+
     def failure(self) -> str | None:
         """Why the gateway holds a replica as unhealthy, if it does."""
         marked = self.pool.marked()
         return f"{marked[0].replica_id} is unhealthy: {marked[0].unhealthy}" if marked else None
 
+    def stalled(self) -> str | None:
+        """Why the gateway holds a replica as stalled, if it does."""
+        stalled = [r for r in self.pool.marked() if r.stalled]
+        return f"{stalled[0].replica_id} stalled: {stalled[0].unhealthy}" if stalled else None
+
     def replica_load(self) -> dict[str, dict[str, int]]:
-        """Per replica: requests in flight now, answered, and failed connections."""
-        return {r.replica_id: {"in_flight": r.in_flight, "requests": r.served, "failed": r.failed}
+        """Per replica: requests in flight now, answered, failed connections, requests
+        continued elsewhere from it, and stalls."""
+        return {r.replica_id: {"in_flight": r.in_flight, "requests": r.served, "failed": r.failed,
+                               "continued_away": r.continued_away, "stalls": r.stalls}
                 for r in self.pool.replicas.values()}
 
-    def _mark(self, replica: Replica, reason: str) -> None:
-        if self.pool.mark_unhealthy(replica.replica_id, reason):
+    def _mark(self, replica: Replica, reason: str, stalled: bool = False) -> None:
+        if self.pool.mark_unhealthy(replica.replica_id, reason, stalled):
             self.counts["replicas_marked_unhealthy"] += 1
-            log.warning("replica_marked_unhealthy", replica_id=replica.replica_id, reason=reason)
+            log.warning("replica_marked_unhealthy", replica_id=replica.replica_id, reason=reason, stalled=stalled)
             if self.on_unhealthy is not None:
                 # The failure began after the replica's last good answer.
                 since = replica.last_ok if replica.last_ok is not None else self.clock()
@@ -201,6 +252,9 @@ class Gateway:
                                    if r.ready and not r.retiring))
 
     async def _check_replica(self, r: Replica) -> None:
+        if r.stalled:
+            await self._check_stalled(r)
+            return
         try:
             async with self._session.get(r.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 healthy = resp.status == 200
@@ -215,6 +269,64 @@ class Gateway:
             self.pool.clear(r.replica_id)
             log.info("replica_cleared", replica_id=r.replica_id)
             self._notify()
+
+    async def _check_stalled(self, r: Replica) -> None:
+        """A stalled engine may still answer /health: it is cleared by an answer that
+        needed it to make a token."""
+        try:
+            async with self._session.post(r.url + "/v1/completions", json={"prompt": [1], "max_tokens": 1},
+                                          timeout=aiohttp.ClientTimeout(total=STALL_CLEAR_PROBE_S)) as resp:
+                answered = resp.status == 200 and bool((await resp.json()).get("choices"))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return
+        if answered and self.pool.replicas.get(r.replica_id) is r:
+            r.last_ok = self.clock()
+            self.pool.clear(r.replica_id)
+            log.info("replica_cleared", replica_id=r.replica_id, reason="it makes tokens again")
+            self._notify()
+
+    async def _watch_stalls(self) -> None:
+        """Every replica's token progress, four times a second: a silent one is
+        suspected, then confirmed or not from its engine's own counters."""
+        while True:
+            await asyncio.sleep(STALL_WATCH_S)
+            now = time.perf_counter()
+            for r in list(self.pool.replicas.values()):
+                if (r.unhealthy is None and r.replica_id not in self._confirming
+                        and r.progress.suspicious(now, r.in_flight)):
+                    self._confirming.add(r.replica_id)
+                    asyncio.get_running_loop().create_task(self._confirm_stall(r))
+
+    async def _confirm_stall(self, r: Replica) -> None:
+        """Two readings of the engine's token counters, STALL_CONFIRM_S apart: moving,
+        the engine works (the gateway's view lagged); still, or no answer at all (a
+        frozen machine), the replica is stalled and its requests move elsewhere."""
+        silent = r.progress.silent_for(time.perf_counter())
+        try:
+            try:
+                before = await read_counters(self._session, r.url, COUNTERS_TIMEOUT_S)
+                await asyncio.sleep(STALL_CONFIRM_S)
+                after = await read_counters(self._session, r.url, COUNTERS_TIMEOUT_S)
+                evidence = None if after.advanced_since(before) else (
+                    f"its engine's token counters did not move in {STALL_CONFIRM_S:g}s "
+                    f"({after.running:g} requests running)")
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                evidence = f"its engine's metrics do not answer ({type(exc).__name__})"
+            now = time.perf_counter()
+            if evidence is None or not r.progress.suspicious(now, r.in_flight) or self.pool.replicas.get(
+                    r.replica_id) is not r:
+                if evidence is None:
+                    r.progress.busy(now)  # it works: silence counts afresh
+                    self.counts["stall_suspicions_cleared"] += 1
+                return
+            r.stalls += 1
+            self.stalls += 1
+            self._mark(r, f"no token for {silent:.1f}s with {r.in_flight} requests in flight "
+                          f"(deadline {r.progress.deadline():.1f}s); {evidence}", stalled=True)
+            moved = self.evacuate(r.replica_id, "stall")
+            log.warning("replica_stalled", replica_id=r.replica_id, silent_s=round(silent, 2), moved=moved)
+        finally:
+            self._confirming.discard(r.replica_id)
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -243,7 +355,7 @@ class Gateway:
         # Constant time: compare_digest on equal-type bytes, whatever the length.
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._api_key or b"")
 
-    async def _read_json(self, request: web.Request) -> tuple[bytes | None, web.Response | None]:
+    async def _read_json(self, request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
         if request.content_type != "application/json":
             return None, error_response(415, f"content type must be application/json, got "
                                         f"{request.content_type or 'none'}", "invalid_request_error",
@@ -264,7 +376,7 @@ class Gateway:
         if not isinstance(parsed, dict):
             return None, error_response(400, "the body must be a JSON object", "invalid_request_error",
                                         "invalid_json")
-        return body, None
+        return parsed, None
 
     def _too_large(self) -> web.Response:
         return error_response(413, f"the body is larger than {self.max_body_bytes} bytes",
@@ -296,7 +408,7 @@ class Gateway:
 
     # -- passing a request to a replica ------------------------------------------------------
 
-    async def _serve(self, request: web.Request, body: bytes | None) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, body: dict[str, Any] | None) -> web.StreamResponse:
         if self.draining:
             return self._unavailable("the cluster is draining")
         started = time.perf_counter()
@@ -304,9 +416,13 @@ class Gateway:
         streaming: dict[str, Any] = {}  # set once a stream's headers went out
         try:
             async with asyncio.timeout(self.request_timeout):
-                response, replica, attempts, tokens = await self._forward(request, body, streaming)
+                if body is None:
+                    response, replica, attempts, tokens = await self._forward(request, streaming)
+                else:
+                    response, replica, attempts, tokens = await self._generate(request, body, streaming)
         except TimeoutError:
             self.counts["timeouts"] += 1
+            self.failed["timeout"] += 1
             message = f"no answer within {self.request_timeout:g}s"
             replica, attempts, tokens = None, 0, None
             if "response" in streaming:  # too late for a status code: end the stream with an error event
@@ -339,12 +455,15 @@ class Gateway:
             first = streaming.get("first_chunk_at")
             self.metrics.observe_request(request.path, response.status, elapsed,
                                          None if first is None else first - started)
-        log.info("request", route=request.path, replica_id=replica, status=response.status, attempts=attempts,
-                 latency_ms=round(elapsed * 1000, 2), completion_tokens=tokens, **_relay_fields(streaming))
+        log.info("request", request_id=streaming.get("request_id"), route=request.path, replica_id=replica,
+                 status=response.status, attempts=attempts,
+                 latency_ms=round(elapsed * 1000, 2), completion_tokens=tokens, **_relay_fields(streaming),
+                 **({"continued": streaming["continued"]} if streaming.get("continued") else {}))
         return response
 
-    async def _forward(self, request: web.Request, body: bytes | None, streaming: dict[str, Any]
+    async def _forward(self, request: web.Request, streaming: dict[str, Any]
                        ) -> tuple[web.StreamResponse, str | None, int, int | None]:
+        """A request without a body (GET /v1/models): passed on as it is."""
         tried: set[str] = set()
         while True:
             replica = await self._acquire(tried)
@@ -354,26 +473,220 @@ class Gateway:
             tried.add(replica.replica_id)
             replica.in_flight += 1
             try:
-                upstream = await self._session.request(
-                    request.method, replica.url + request.path, data=body,
-                    headers={"Content-Type": "application/json"} if body is not None else None)
+                async with self._session.request(request.method, replica.url + request.path) as upstream:
+                    data = await upstream.read()
+                    headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
+                               "X-Replica-Id": replica.replica_id}
+                    replica.served += 1
+                    return web.Response(status=upstream.status, body=data, headers=headers), \
+                        replica.replica_id, len(tried), None
             except NOTHING_RECEIVED as exc:
-                replica.in_flight -= 1
-                replica.failed += 1
-                self.counts["retries"] += 1
-                self._mark(replica, f"{type(exc).__name__}: {exc}"[:300])
-                continue
-            except BaseException:
-                replica.in_flight -= 1
-                raise
-            try:
-                response, tokens = await self._relay(request, upstream, replica, streaming)
+                self._refused(replica, exc)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                self._mark(replica, f"failed mid-response: {type(exc).__name__}")
+                return error_response(502, f"{replica.replica_id} failed mid-response: {type(exc).__name__}",
+                                      "server_error", "replica_failed"), replica.replica_id, len(tried), None
             finally:
-                upstream.release()
                 replica.in_flight -= 1
-            replica.served += 1
-            replica.last_ok = self.clock()
-            return response, replica.replica_id, len(tried), tokens
+
+    async def _generate(self, request: web.Request, body: dict[str, Any], streaming: dict[str, Any]
+                        ) -> tuple[web.StreamResponse, str | None, int, int | None]:
+        """A completion: its legs on one replica after another until it is answered.
+
+        A replica that refuses the connection is retried elsewhere at once. One that
+        fails after the request reached it (reset or closed mid-answer, a stall, a
+        drain deadline) has its answer continued on another from the tokens it made,
+        at most `max_continuations` times, and never past a second failing replica:
+        a request that brings down two engines is not sent on to a third.
+        """
+        splice = Splice(request.path, body)
+        splice.not_continuable = why_not_continuable(request.path, body)
+        request_id = streaming["request_id"] = uuid.uuid4().hex[:16]
+        avoid: set[str] = set()        # replicas this request must not go to again
+        failed_on: list[str] = []       # replicas that failed under it (not drains)
+        attempts = 0
+        cut: Cut | None = None          # the last leg's end, while a continuation is on its way
+        while True:
+            replica = await self._acquire(avoid)
+            if replica is None:
+                why = ("no other replica can take it over" if cut else
+                       "every replica failed this request" if avoid else "no replica is ready")
+                if cut is None and "response" not in streaming:
+                    self.failed["unavailable"] += 1
+                    return self._unavailable(why), None, attempts, None
+                return await self._fail(request, splice, streaming, "no_replica", why, cut), \
+                    None, attempts, len(splice.generated)
+            avoid.add(replica.replica_id)
+            attempts += 1
+            route, engine_body = splice.next_request()
+            flight = Flight(replica, cut, streaming, request_id, splice.replayed())
+            try:
+                outcome = await self._leg(request, route, engine_body, flight, splice, streaming)
+            finally:
+                flight.land()
+            if isinstance(outcome, web.StreamResponse):
+                replica.served += 1
+                replica.last_ok = self.clock()
+                return outcome, replica.replica_id, attempts, len(splice.generated) if splice.identity else None
+            if outcome is None:
+                continue  # refused before the request reached it: marked, tried elsewhere
+            cut = outcome
+            if cut.reason == "disconnect":
+                self._mark(replica, f"failed mid-answer: {cut.detail}"[:300])
+            if cut.reason != "drain":
+                failed_on.append(replica.replica_id)
+            if splice.finished():  # the answer was whole: only its end was missing
+                return await self._close(request, splice, streaming, replica), replica.replica_id, attempts, \
+                    len(splice.generated)
+            why = self._why_not_continue(splice, failed_on, streaming.get("continued", 0), request_id)
+            if why is not None:
+                cause, text = why
+                return await self._fail(request, splice, streaming, cause, text, cut), replica.replica_id, \
+                    attempts, len(splice.generated)
+            replica.continued_away += 1
+            self.continuations[cut.reason] += 1
+            streaming["continued"] = streaming.get("continued", 0) + 1
+
+    def _why_not_continue(self, splice: Splice, failed_on: list[str], continued: int,
+                          request_id: str) -> tuple[str, str] | None:
+        reason = splice.can_continue()
+        if reason is not None:
+            return "not_continuable", f"the answer could not be continued: {reason}"
+        if len(failed_on) >= QUERY_OF_DEATH_FAILURES:
+            log.warning("suspected_query_of_death", request_id=request_id, replicas=failed_on)
+            return "query_of_death", (f"the request failed on {len(failed_on)} replicas ({', '.join(failed_on)}); "
+                                      f"it is not sent on (it may bring engines down)")
+        if continued >= self.max_continuations:
+            return "continuations_exhausted", f"continued {continued} times already (--max-continuations)"
+        return None
+
+    async def _leg(self, request: web.Request, route: str, body: dict[str, Any], flight: "Flight",
+                   splice: Splice, streaming: dict[str, Any]) -> "web.StreamResponse | Cut | None":
+        """One replica's part of an answer. Returns the client's response when the
+        answer is complete, None when the replica refused the connection (nothing was
+        sent), or the Cut that ended the leg early."""
+        replica = flight.replica
+        try:
+            upstream = await self._session.post(replica.url + route, json=body)
+        except NOTHING_RECEIVED as exc:
+            self._refused(replica, exc)
+            return None
+        flight.upstream = upstream
+        replica.progress.sent(id(flight), len(body.get("prompt") or "") * 4 if flight.cut else
+                              request.content_length or 0)
+        try:
+            if upstream.status != 200 or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return await self._not_a_stream(request, upstream, flight, splice, streaming)
+            return await self._relay(request, upstream, flight, splice, streaming)
+        finally:
+            upstream.release()
+
+    async def _not_a_stream(self, request: web.Request, upstream: aiohttp.ClientResponse, flight: "Flight",
+                            splice: Splice, streaming: dict[str, Any]) -> "web.StreamResponse | Cut":
+        """An engine's refusal (400 for a bad request, ...): passed on as it is when
+        nothing was sent yet; a continuation refused is that leg's failure."""
+        try:
+            data = await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return flight.end(flight.cut_reason or "disconnect", f"{type(exc).__name__}")
+        if flight.cut is not None or "response" in streaming:
+            return flight.end("disconnect", f"the continuation was refused: {upstream.status} {data[:200]!r}")
+        headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
+                   "X-Replica-Id": flight.replica.replica_id}
+        return web.Response(status=upstream.status, body=data, headers=headers)
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, flight: "Flight",
+                     splice: Splice, streaming: dict[str, Any]) -> "web.StreamResponse | Cut":
+        replica = flight.replica
+        reader = EventReader()
+        chunks = upstream.content.iter_any()
+        relay = streaming.setdefault("relay", RelayFigures())
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                return flight.end(flight.cut_reason or "disconnect", f"{type(exc).__name__}")
+            read_at = time.perf_counter()
+            had = len(splice.generated)
+            try:
+                out = b"".join([splice.on_event(e) for e in reader.feed(chunk)])
+            except EngineError as exc:
+                return flight.end("disconnect", f"the engine failed: {exc}")
+            except ValueError as exc:  # not JSON: not an engine we can read
+                return flight.end("disconnect", f"unreadable event: {exc}"[:200])
+            if len(splice.generated) != had:
+                flight.progressed(read_at)
+            if out:
+                response = streaming.get("response") or await self._open_stream(request, replica, streaming)
+                try:
+                    await response.write(out)
+                except ConnectionResetError:
+                    # The client left; release() closes the replica's stream. Not the replica's fault.
+                    self.counts["clients_gone"] += 1
+                    return response
+                written_at = time.perf_counter()
+                relay.add(read_at, written_at)
+                streaming.setdefault("first_chunk_at", written_at)
+                flight.wrote(written_at)
+                if splice.finished() or splice.done:
+                    # The client has the whole answer; it may hang up before the stream's
+                    # own end (the OpenAI SDK does): that is a request served.
+                    streaming["complete"], streaming["tokens"] = True, len(splice.generated)
+            if splice.done:
+                break
+        if not splice.done:  # the stream ended without its [DONE]
+            return flight.end(flight.cut_reason or "disconnect", "the stream ended early")
+        return await self._finish(request, splice, streaming, replica)
+
+    async def _open_stream(self, request: web.Request, replica: Replica, streaming: dict[str, Any]
+                           ) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
+                                                           "X-Replica-Id": replica.replica_id})
+        await response.prepare(request)
+        streaming["response"], streaming["replica_id"] = response, replica.replica_id
+        return response
+
+    async def _finish(self, request: web.Request, splice: Splice, streaming: dict[str, Any],
+                      replica: Replica) -> web.StreamResponse:
+        if not splice.client_streams:
+            if splice.engine_error is not None:
+                code = splice.engine_error.get("code")
+                return web.json_response({"error": splice.engine_error},
+                                         status=code if isinstance(code, int) and 400 <= code < 600 else 400)
+            return web.json_response(splice.answer(), headers={"X-Replica-Id": replica.replica_id})
+        response = streaming.get("response") or await self._open_stream(request, replica, streaming)
+        await response.write_eof()
+        return response
+
+    async def _close(self, request: web.Request, splice: Splice, streaming: dict[str, Any],
+                     replica: Replica) -> web.StreamResponse:
+        """The engine failed after the last token: the client gets the end it is owed."""
+        if splice.client_streams:
+            response = streaming.get("response") or await self._open_stream(request, replica, streaming)
+            await _write_quietly(response, splice.closing())
+            return response
+        return await self._finish(request, splice, streaming, replica)
+
+    async def _fail(self, request: web.Request, splice: Splice, streaming: dict[str, Any], cause: str,
+                    message: str, cut: "Cut | None") -> web.StreamResponse:
+        """The request ends with an error: an error event in a stream already under
+        way, else a 502 (a replica took it and failed)."""
+        self.failed[cause] += 1
+        self.counts["streams_broken"] += 1
+        if cut is not None:
+            message = f"{cut.replica_id} failed mid-answer ({cut.reason}: {cut.detail}); {message}"
+        log.warning("request_failed", request_id=streaming.get("request_id"), cause=cause, reason=message)
+        if "response" in streaming:
+            await _write_quietly(streaming["response"], sse_error(message, "replica_failed"))
+            return streaming["response"]
+        return error_response(502, message, "server_error", "replica_failed")
+
+    def _refused(self, replica: Replica, exc: BaseException) -> None:
+        replica.failed += 1
+        self.counts["retries"] += 1
+        self._mark(replica, f"{type(exc).__name__}: {exc}"[:300])
 
     async def _acquire(self, tried: set[str]) -> Replica | None:
         """The replica for the next attempt; waits (queues) while every one is at its limit."""
@@ -384,53 +697,79 @@ class Gateway:
             self.counts["queued"] += 1
             await self._changed.wait()
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, replica: Replica,
-                     streaming: dict[str, Any]) -> tuple[web.StreamResponse, int | None]:
-        headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
-                   "X-Replica-Id": replica.replica_id}
-        if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-            try:
-                data = await upstream.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                self._mark(replica, f"failed mid-response: {type(exc).__name__}")
-                return error_response(502, f"{replica.replica_id} failed mid-response: {type(exc).__name__}",
-                                      "server_error", "replica_failed"), None
-            return web.Response(status=upstream.status, body=data, headers=headers), _completion_tokens(data)
-        response = web.StreamResponse(status=upstream.status, headers=headers)
-        await response.prepare(request)
-        streaming["response"], streaming["replica_id"] = response, replica.replica_id
-        chunks = upstream.content.iter_any()
-        tail = b""  # the stream's end, where a usage chunk (stream_options.include_usage) sits
-        relay = streaming["relay"] = RelayFigures()
-        while True:
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                # The replica died mid-stream: the client gets a clear error event, not a hang.
-                self.counts["streams_broken"] += 1
-                self._mark(replica, f"failed mid-stream: {type(exc).__name__}")
-                await _write_quietly(response, sse_error(
-                    f"{replica.replica_id} failed mid-stream: {type(exc).__name__}", "replica_failed"))
-                return response, None
-            read_at = time.perf_counter()
-            tail = (tail + chunk)[-STREAM_TAIL_BYTES:]
-            try:
-                await response.write(chunk)
-                written_at = time.perf_counter()
-                relay.add(read_at, written_at)
-                streaming.setdefault("first_chunk_at", written_at)
-                if tail.rstrip().endswith(b"data: [DONE]"):
-                    # The client has the whole answer; it may hang up before the stream's
-                    # own end (the OpenAI SDK does): that is a request served.
-                    streaming["complete"], streaming["tokens"] = True, _stream_tokens(tail)
-            except ConnectionResetError:
-                # The client left; release() closes the replica's stream. Not the replica's fault.
-                self.counts["clients_gone"] += 1
-                return response, None
-        await response.write_eof()
-        return response, _stream_tokens(tail)
+
+@dataclass
+class Cut:
+    """Why and when a leg of an answer ended early."""
+
+    replica_id: str
+    reason: str          # disconnect, stall or drain: what llmctl_continuations_total counts
+    detail: str
+    at: float            # perf_counter
+    last_write: float | None  # the client's last byte before it
+
+
+class Flight:
+    """One request's stay on one replica: what the stall watch and a drain see of it."""
+
+    __slots__ = ("replica", "cut", "streaming", "request_id", "replayed", "upstream", "cut_reason", "last_token",
+                 "continuation_logged", "_landed")
+
+    def __init__(self, replica: Replica, cut: Cut | None, streaming: dict[str, Any], request_id: str,
+                 replayed: int) -> None:
+        self.replica = replica
+        self.cut = cut  # the previous leg's end, when this leg continues an answer
+        self.streaming = streaming
+        self.request_id = request_id
+        self.replayed = replayed  # generated tokens given back to this replica as prompt
+        self.upstream: aiohttp.ClientResponse | None = None
+        self.cut_reason: str | None = None  # set by the gateway when it ends this leg (stall, drain)
+        self.last_token: float | None = None
+        self.continuation_logged = cut is None
+        self._landed = False
+        replica.in_flight += 1
+        replica.flights.add(self)
+        if replica.in_flight == 1:
+            replica.progress.busy(time.perf_counter())
+
+    def progressed(self, now: float) -> None:
+        gap = None if self.last_token is None else now - self.last_token
+        self.last_token = now
+        self.replica.progress.token(id(self), now, gap)
+
+    def wrote(self, now: float) -> None:
+        self.streaming["last_write"] = now
+        if not self.continuation_logged:
+            self._log_continued(now)
+
+    def end(self, reason: str, detail: str) -> Cut:
+        if not self.continuation_logged:
+            self._log_continued(None)
+        return Cut(self.replica.replica_id, reason, detail, time.perf_counter(), self.streaming.get("last_write"))
+
+    def interrupt(self, reason: str) -> bool:
+        """End this leg now (the replica stalled or must stop): its answer continues elsewhere."""
+        if self.upstream is None or self.cut_reason is not None:
+            return False
+        self.cut_reason = reason
+        self.upstream.close()
+        return True
+
+    def land(self) -> None:
+        if not self._landed:
+            self._landed = True
+            self.replica.in_flight -= 1
+            self.replica.flights.discard(self)
+            self.replica.progress.ended(id(self))
+
+    def _log_continued(self, first_write: float | None) -> None:
+        cut = self.cut
+        self.continuation_logged = True
+        gap_from = cut.last_write if cut.last_write is not None else cut.at
+        log.info("continued", request_id=self.request_id, from_replica=cut.replica_id,
+                 to_replica=self.replica.replica_id, reason=cut.reason, detail=cut.detail,
+                 tokens_replayed=self.replayed,
+                 gap_ms=None if first_write is None else round((first_write - gap_from) * 1000, 1))
 
 
 class RelayFigures:
@@ -471,18 +810,3 @@ class RelayFigures:
 def _relay_fields(streaming: dict[str, Any]) -> dict[str, Any]:
     relay = streaming.get("relay")
     return relay.fields() if relay is not None else {}
-
-
-def _stream_tokens(tail: bytes) -> int | None:
-    """completion_tokens from a stream's usage event, when the client asked for one."""
-    for line in reversed(tail.split(b"\n")):
-        if line.startswith(b"data: {") and b'"completion_tokens"' in line:
-            return _completion_tokens(line[6:])
-    return None
-
-
-def _completion_tokens(data: bytes) -> int | None:
-    try:
-        return json.loads(data)["usage"]["completion_tokens"]
-    except (ValueError, KeyError, TypeError):
-        return None

@@ -34,6 +34,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 RETRY_OPERATIONS = ("worker_join", "engine_restart", "gateway_request")
+# Why an answer was continued on another replica, and why the gateway failed a request.
+CONTINUATION_REASONS = ("disconnect", "stall", "drain")
+FAILURE_CAUSES = ("unavailable", "not_continuable", "query_of_death", "continuations_exhausted", "no_replica",
+                  "timeout")
 
 
 class ClusterFacts:
@@ -76,7 +80,21 @@ class ClusterFacts:
         totals = status.get("retries") or {}
         for operation in RETRY_OPERATIONS:
             retries.add_metric([operation], totals.get(operation, 0))
-        yield from (alive, expected, node_state, replicas, in_flight, transitions, retries)
+        gateway = status.get("gateway") or {}
+        continuations = CounterMetricFamily("llmctl_continuations", "Answers continued on another replica after "
+                                            "theirs failed mid-answer, by reason: disconnect (reset or closed), "
+                                            "stall (no progress), drain (its drain deadline passed)",
+                                            labels=["reason"])
+        for reason in CONTINUATION_REASONS:
+            continuations.add_metric([reason], (gateway.get("continuations") or {}).get(reason, 0))
+        stalls = CounterMetricFamily("llmctl_stalls", "Replicas found stalled: requests in flight, no token "
+                                     "progress, the engine's own counters still", value=gateway.get("stalls") or 0)
+        failed = CounterMetricFamily("llmctl_requests_failed", "Requests the gateway answered with an error of its "
+                                     "own, by cause", labels=["cause"])
+        for cause in FAILURE_CAUSES:
+            failed.add_metric([cause], (gateway.get("requests_failed") or {}).get(cause, 0))
+        yield from (alive, expected, node_state, replicas, in_flight, transitions, retries, continuations, stalls,
+                    failed)
 
 
 class Metrics:

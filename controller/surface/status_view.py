@@ -110,7 +110,7 @@ class StatusView:
     def _replicas(self, snap: Snapshot | None) -> list[dict[str, Any]]:
         g = self.head.gateway
         load = g.replica_load() if g else {}
-        empty = {"in_flight": 0, "requests": 0, "failed": 0}
+        empty = {"in_flight": 0, "requests": 0, "failed": 0, "continued_away": 0, "stalls": 0}
         return [{**r.as_dict(), **load.get(r.replica_id, empty)} for r in (snap.replicas if snap else [])]
 
     def _gateway(self) -> dict[str, Any] | None:
@@ -118,7 +118,8 @@ class StatusView:
         if g is None:
             return None
         return {"port": g.port, "in_flight": g.in_flight, "draining": g.draining,
-                "unhealthy": {r.replica_id: r.unhealthy for r in g.pool.marked()}, "counts": dict(g.counts)}
+                "unhealthy": {r.replica_id: r.unhealthy for r in g.pool.marked()}, "counts": dict(g.counts),
+                "continuations": dict(g.continuations), "requests_failed": dict(g.failed), "stalls": g.stalls}
 
     async def status(self) -> dict[str, Any]:
         h, cfg = self.head, self.head.config

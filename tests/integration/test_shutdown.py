@@ -19,7 +19,7 @@ import pytest
 
 from controller import processes
 from controller import testing as tk
-from controller.lifecycle.worker import STOP_BOUND_S
+from controller.lifecycle.worker import RELEASE_GRACE_S, STOP_BOUND_S
 from controller.surface.cli import STUCK_CALLS_WAIT_S
 
 from .conftest import SERVING_TIMEOUT, head_args
@@ -112,14 +112,15 @@ def lone_worker_args(ray_port: int, token_file: Path, drain_timeout: float) -> l
 @pytest.mark.parametrize("head_loss", ["controller", "node", "hung"])
 def test_a_worker_whose_head_is_gone_stops_within_its_bound(tmp_path, head_loss):
     """SIGTERM to a worker whose head controller was SIGKILLed ends, exit 0, within the
-    drain timeout plus the fixed bound for stopping Ray, with nothing of the worker
-    left; no head releases it, and it must not wait for one. `controller`: the head's
+    drain timeout, the release grace (the longest it waits for a head's release) and
+    the fixed bound for stopping Ray, with nothing of the worker left; no head
+    releases it, and it must not wait for one longer. `controller`: the head's
     Ray lives on, the coordinator answers. `node`: the head's Ray is gone too, every
     call to it fails (its raylet takes 10 s to exit on SIGTERM, ray.shutdown() 5 s).
     `hung`: the head's Ray is frozen (SIGSTOP), every call to it hangs, ray.shutdown()
     among them (the worker used to stay alive for minutes after its drain)."""
     drain_timeout = 1.0
-    bound = drain_timeout + STOP_BOUND_S + STUCK_CALLS_WAIT_S
+    bound = drain_timeout + RELEASE_GRACE_S + STOP_BOUND_S + STUCK_CALLS_WAIT_S
     ray_port, control_port = tk.free_port(), tk.free_port()
     state = tmp_path / "state"
     head = tk.start_controller(head_args(ray_port, control_port, state, "--node-ip-address", LONE_HEAD_IP,

@@ -72,11 +72,3 @@ async def test_an_idle_replica_that_stops_answering_is_marked_within_an_interval
     finally:
         await gw.stop()
         await runner.cleanup()
-
-
-def test_a_streams_token_count_comes_from_its_usage_event():
-    from controller.serving.gateway import _stream_tokens
-
-    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\ndata: [DONE]\n\n'
-    assert _stream_tokens(b'data: {"choices":[{"text":"a"}],"usage":null}\n\n' + usage) == 5
-    assert _stream_tokens(b'data: {"choices":[{"text":"a"}],"usage":null}\n\ndata: [DONE]\n\n') is None

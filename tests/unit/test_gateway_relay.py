@@ -102,9 +102,23 @@ def test_relay_figures_keep_the_reads_their_span_and_the_longest_hold():
                                 "max_relay_ms": pytest.approx(30.0), "relays_over_10ms": 2}
 
 
-async def test_a_plain_answer_logs_no_relay_figures():
-    async def completions(request: web.Request) -> web.Response:
-        return web.json_response({"choices": [{"text": "a"}], "usage": {"completion_tokens": 1}})
+async def test_a_client_that_asks_for_no_stream_gets_one_answer_built_from_the_engines_stream():
+    asked = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        asked.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        base = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "tiny"}
+        for i, (text, finish) in enumerate([(" a", None), (" b", "length")]):
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None,
+                      "prompt_token_ids": [5, 6] if i == 0 else None, "token_ids": [10 + i]}
+            await response.write(b"data: " + json.dumps({**base, "choices": [choice]}).encode() + b"\n\n")
+        usage = {"prompt_tokens": 2, "total_tokens": 4, "completion_tokens": 2}
+        await response.write(b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
@@ -116,10 +130,16 @@ async def test_a_plain_answer_logs_no_relay_figures():
         with capture_logs() as logs:
             async with aiohttp.ClientSession() as session:
                 async with session.post(f"http://127.0.0.1:{gw._runner.addresses[0][1]}/v1/completions",
-                                        json={"prompt": "x"}) as resp:
-                    assert resp.status == 200 and (await resp.json())["usage"]["completion_tokens"] == 1
+                                        json={"prompt": "x", "max_tokens": 2}) as resp:
+                    assert resp.status == 200 and resp.content_type == "application/json"
+                    answer = await resp.json()
+        assert asked[0]["stream"] is True and asked[0]["return_token_ids"] is True
+        assert answer["id"] == "cmpl-1" and answer["created"] == 7 and answer["object"] == "text_completion"
+        assert answer["choices"][0]["text"] == " a b" and answer["choices"][0]["finish_reason"] == "length"
+        assert answer["choices"][0]["token_ids"] is None  # not asked for by the client
+        assert answer["usage"] == {"prompt_tokens": 2, "total_tokens": 4, "completion_tokens": 2}
         event = next(e for e in logs if e["event"] == "request")
-        assert event["completion_tokens"] == 1 and "upstream_reads" not in event
+        assert event["completion_tokens"] == 2 and event["status"] == 200
     finally:
         await gw.stop()
         await upstream.cleanup()
