@@ -22,9 +22,13 @@ from controller import processes
 from controller.logs import log
 from controller.cluster.ray_adapter import child_env, port_free
 
+# vLLM keeps its /metrics token counters only with stats logging on (they tell a
+# busy engine from a stalled one); its periodic throughput line is then logged
+# once a minute rather than every 10 s.
+STATS_ENV = {"VLLM_LOG_STATS_INTERVAL": "60"}
 # vLLM's CPU build reserves this many GiB of KV cache per engine (its default is
 # far larger than a tiny model on a shared 2-core machine needs).
-DEFAULT_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+DEFAULT_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", **STATS_ENV}
 WARM_UP_REQUESTS = 4
 
 
@@ -67,8 +71,7 @@ def vllm_command(spec: EngineSpec) -> list[str]:
         "--host", spec.host,
         "--port", str(spec.port),
         *(["--max-model-len", str(spec.max_model_len)] if spec.max_model_len else []),
-        "--disable-uvicorn-access-log",
-        "--disable-log-stats",
+        "--disable-uvicorn-access-log",  # stats logging stays on: see STATS_ENV
         *spec.extra_args,
     ]
 

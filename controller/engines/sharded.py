@@ -19,7 +19,7 @@ import enum
 from typing import Callable
 
 from controller.cluster.records import ReplicaState, ReplicaStatus
-from controller.engines.engine import EngineSpec
+from controller.engines.engine import STATS_ENV, EngineSpec
 from controller.logs import log
 from controller.preflight import gpu_fit_problem
 from controller.engines.supervisor import FAILED, READY, EngineSupervisor
@@ -42,6 +42,7 @@ def sharded_spec(model: str, served_name: str, host: str, port: int, tensor_para
             # vLLM's driver must name the same IP Ray gave the head node, or it
             # cannot find itself among the Ray nodes (a common multi-node failure).
             "VLLM_HOST_IP": host,
+            **STATS_ENV,  # the token counters that tell busy from stalled
         },
     )
 

@@ -3,10 +3,12 @@ says what state it is in and why.
 
 An engine lifetime is: start, wait until ready (`/health`, then one real token),
 then watch it: the process exiting, or the generation probe failing
-`probe_threshold` times in a row, ends the lifetime. tenacity restarts it with
-exponential backoff, at most `max_restarts` times; then the supervisor is
-FAILED. Problems that a restart cannot fix (a taken port, a missing model
-directory) fail at once.
+`probe_threshold` times in a row, ends the lifetime. A failed probe is not
+counted when the engine's own token counters (`/metrics`) advanced since the
+previous failed probe: a busy engine is alive, and restarting it would drop
+every request it serves. tenacity restarts it with exponential backoff, at
+most `max_restarts` times; then the supervisor is FAILED. Problems that a
+restart cannot fix (a taken port, a missing model directory) fail at once.
 
 States: STARTING, READY, RESTARTING, FAILED, STOPPED. Used by a replica actor
 on its node (replicated mode) and by the head for the one sharded engine.
@@ -16,16 +18,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
+import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from controller.cluster.records import ReplicaState, ReplicaStatus
+from controller.engines import engine_metrics
 from controller.engines.engine import EngineFailed, EngineProcess, EngineSpec
+from controller.engines.engine_metrics import EngineCounters
 from controller.logs import log
 
 READY, FAILED, STOPPED = ReplicaState.READY, ReplicaState.FAILED, ReplicaState.STOPPED
 STARTING, RESTARTING = ReplicaState.STARTING, ReplicaState.RESTARTING
+# Reading the engine's /metrics after a failed probe: a local request, quick
+# even when the engine is busy (the API server answers it, not the engine core).
+COUNTERS_TIMEOUT_S = 2.0
+WATCH_TICK_S = 1.0  # how often the watch looks at the process
+
+CountersReader = Callable[[aiohttp.ClientSession, str, float], Awaitable[EngineCounters]]
 
 
 class EngineUnrecoverable(EngineFailed):
@@ -39,7 +50,8 @@ def _restartable(exc: BaseException) -> bool:
 class EngineSupervisor:
     def __init__(self, replica_id: str, make_spec: Callable[[], EngineSpec], *, ready_timeout: float = 600.0,
                  probe_interval: float = 30.0, probe_timeout: float = 10.0, probe_threshold: int = 2,
-                 max_restarts: int = 5, echo: bool = True, max_backoff: float = 30.0) -> None:
+                 max_restarts: int = 5, echo: bool = True, max_backoff: float = 30.0,
+                 read_counters: CountersReader = engine_metrics.read_counters) -> None:
         self.replica_id = replica_id
         self.make_spec = make_spec
         self.ready_timeout = ready_timeout
@@ -49,12 +61,14 @@ class EngineSupervisor:
         self.max_restarts = max_restarts
         self.max_backoff = max_backoff
         self.echo = echo
+        self.read_counters = read_counters
         self.state = STARTING
         self.reason: str | None = None
         self.ready_s: float | None = None
         self.restarts = 0
         self.spec: EngineSpec | None = None
         self.engine: EngineProcess | None = None
+        self._counters: EngineCounters | None = None  # this engine lifetime's last reading
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -111,6 +125,7 @@ class EngineSupervisor:
             raise EngineUnrecoverable(f"cannot prepare the engine: {exc}") from None
         previous = self.engine.seq if self.engine else 0
         self.engine = EngineProcess(self.spec, self.replica_id, echo=self.echo, first_seq=previous)
+        self._counters = None
         try:
             self.state = STARTING if self.restarts == 0 else RESTARTING
             try:
@@ -138,17 +153,39 @@ class EngineSupervisor:
         next_probe = loop.time() + self.probe_interval
         failures = 0
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(WATCH_TICK_S)
             assert self.engine is not None
             exited = self.engine.exit_reason()
             if exited:
                 return exited
             if loop.time() >= next_probe:
-                error = await self.engine.probe(timeout=self.probe_timeout)
+                failures, error = await self._probe(failures)
                 next_probe = loop.time() + self.probe_interval
-                failures = 0 if error is None else failures + 1
-                if error is not None:
-                    log.warning("generation_probe_failed", replica_id=self.replica_id, failures=failures,
-                                of=self.probe_threshold, error=error)
                 if failures >= self.probe_threshold:
                     return f"generation probe failed {failures} times in a row: {error}"
+
+    async def _probe(self, failures: int) -> tuple[int, str | None]:
+        """One generation probe: the consecutive failures after it, and its error.
+        A failure while the engine's token counters advance is not counted."""
+        assert self.engine is not None
+        error = await self.engine.probe(timeout=self.probe_timeout)
+        if error is None:
+            return 0, None
+        busy = await self._producing_tokens()
+        failures = 0 if busy else failures + 1
+        log.warning("generation_probe_failed", replica_id=self.replica_id, busy=busy, failures=failures,
+                    of=self.probe_threshold, error=error)
+        return failures, error
+
+    async def _producing_tokens(self) -> bool:
+        """The engine's generation or prompt token counter grew since the last reading
+        of this lifetime. False when they cannot be read or there is no earlier reading."""
+        assert self.engine is not None
+        try:
+            async with aiohttp.ClientSession() as http:
+                now = await self.read_counters(http, self.engine.url, COUNTERS_TIMEOUT_S)
+        except Exception as exc:  # unreadable: the failure counts, as without counters
+            log.warning("engine_counters_unreadable", replica_id=self.replica_id, error=f"{type(exc).__name__}: {exc}")
+            return False
+        before, self._counters = self._counters, now
+        return before is not None and now.advanced_since(before)

@@ -19,12 +19,12 @@ def test_command_and_environment_for_each_layout(tp, pp):
         "--host", "10.0.0.1",
         "--port", "8001",
         "--disable-uvicorn-access-log",
-        "--disable-log-stats",
         "--tensor-parallel-size", str(tp),
         "--pipeline-parallel-size", str(pp),
         "--distributed-executor-backend", "ray",
     ]
-    assert spec.env == {"RAY_ADDRESS": "10.0.0.1:6379", "VLLM_HOST_IP": "10.0.0.1"}
+    # Stats logging stays on (no --disable-log-stats): /metrics keeps its token counters.
+    assert spec.env == {"RAY_ADDRESS": "10.0.0.1:6379", "VLLM_HOST_IP": "10.0.0.1", "VLLM_LOG_STATS_INTERVAL": "60"}
 
 
 def test_engine_environment_drops_the_controllers_driver_settings(monkeypatch):
