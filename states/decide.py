@@ -44,6 +44,9 @@ class Observation:
     # A failing replica's node is gone (its raylet refuses connections) before
     # Ray's own node count says so: why, naming the first sign.
     node_lost: str | None = None
+    # A replica answers `/health` but its streams make no token progress, and its
+    # engine's own token counters confirm it: why, naming the replica.
+    engine_stalled: str | None = None
     # worker
     joined: bool = False
     cluster_state: State | None = None
@@ -141,12 +144,14 @@ def _decide_head(state: State, obs: Observation, limits: Limits) -> Decision | N
             )
         if obs.node_lost:
             return Decision(Trigger.NODE_LOST, obs.node_lost)
+        if obs.engine_stalled:
+            return Decision(Trigger.ENGINE_STALLED, obs.engine_stalled)
         if obs.engine_failure:
             return Decision(Trigger.ENGINE_FAILED, obs.engine_failure)
         return None
     if state is State.DEGRADED:
         ready, text = _head_ready(obs, limits)
-        if ready and not obs.engine_failure and not obs.node_lost:
+        if ready and not obs.engine_failure and not obs.node_lost and not obs.engine_stalled:
             return Decision(Trigger.RECOVERED, text)
         return None
     return None

@@ -31,6 +31,7 @@ class Trigger(str, Enum):
     CLUSTER_READY = "cluster_ready"
     NODE_LOST = "node_lost"
     ENGINE_FAILED = "engine_failed"
+    ENGINE_STALLED = "engine_stalled"
     HEALTH_FAILED = "health_failed"
     JOINED = "joined"
     CLUSTER_SERVING = "cluster_serving"
@@ -73,6 +74,7 @@ HEAD_TABLE: tuple[Transition, ...] = (
     Transition(T.CLUSTER_READY, S.WAITING_FOR_WORKERS, S.SERVING),
     Transition(T.NODE_LOST, S.SERVING, S.DEGRADED),
     Transition(T.ENGINE_FAILED, S.SERVING, S.DEGRADED),
+    Transition(T.ENGINE_STALLED, S.SERVING, S.DEGRADED),
     Transition(T.HEALTH_FAILED, S.SERVING, S.DEGRADED),
     Transition(T.RECOVERED, S.DEGRADED, S.SERVING),
     *_expand(T.DRAIN, DRAINABLE, S.DRAINING),

@@ -10,9 +10,10 @@ publishes their state. One `update()`, always in the same order:
 5. publish: to the gateway (where requests may go), the coordinator (the
    cluster's record) and the board (what the lifecycle decides on).
 
-It is the only writer of the board's `engines_ready`, `engine_failure` and
-`node_lost`. Everything else that learns something about an engine (the
-gateway's signal, a worker's DRAINING report) only wakes `update()`.
+It is the only writer of the board's `engines_ready`, `engine_failure`,
+`engine_stalled` and `node_lost`. Everything else that learns something about
+an engine (the gateway's signal, a worker's DRAINING report) only wakes
+`update()`.
 
 A replica that fails on a node whose Ray node is gone (not listed alive, or its
 raylet refuses connections) is recorded as the node's loss, whichever signal
@@ -100,15 +101,17 @@ class Reconciler:
 
     def _publish_failure(self, failure: str | None, **more: Any) -> None:
         """The supervisors' word and the gateway's own signals, cross-checked: either
-        one seeing a replica fail keeps the cluster DEGRADED."""
+        one seeing a replica fail keeps the cluster DEGRADED, and so does a replica
+        the gateway holds as stalled (no token progress, its engine's counters still)."""
         if failure:
             self.board.note_fault("engines", self.clock())
         else:
             self.board.clear_fault("engines")
         marked = self.gateway.failure()
-        if not marked:
+        stalled = self.gateway.stalled()
+        if not marked and not stalled:
             self.board.clear_fault("gateway")
-        self.board.set(engine_failure=failure or marked, **more)
+        self.board.set(engine_failure=failure or marked, engine_stalled=stalled, **more)
 
     def _refuse_before_serving(self, given_up: str | None) -> None:
         if given_up and self.before_serving():

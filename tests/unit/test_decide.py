@@ -33,9 +33,14 @@ HEAD_CASES = [
     (S.SERVING, obs(alive_nodes=3, registered_workers=2, health_failures=2), None),
     (S.SERVING, obs(alive_nodes=3, registered_workers=2, health_failures=3), T.HEALTH_FAILED),
     (S.SERVING, obs(alive_nodes=3, registered_workers=2, engine_failure="exit 1"), T.ENGINE_FAILED),
+    (S.SERVING, obs(alive_nodes=3, registered_workers=2, engine_stalled="replica-b stalled"), T.ENGINE_STALLED),
+    # The cause first: a lost node, then a stall, then an engine failure.
+    (S.SERVING, obs(alive_nodes=3, registered_workers=2, node_lost="gone", engine_stalled="s"), T.NODE_LOST),
+    (S.SERVING, obs(alive_nodes=3, registered_workers=2, engine_stalled="s", engine_failure="e"), T.ENGINE_STALLED),
     (S.DEGRADED, obs(alive_nodes=2, registered_workers=1), None),
     (S.DEGRADED, obs(alive_nodes=3, registered_workers=2), T.RECOVERED),
     (S.DEGRADED, obs(alive_nodes=3, registered_workers=2, health_failures=1), None),
+    (S.DEGRADED, obs(alive_nodes=3, registered_workers=2, engine_stalled="replica-b stalled"), None),
     (S.DRAINING, obs(), None),
     (S.DRAINING, obs(drained=True), T.DRAINED),
     (S.DRAINING, obs(drain_requested="again"), None),
@@ -101,3 +106,9 @@ def test_wait_timeout_reason_names_what_is_missing():
     d = decide(Role.HEAD, S.WAITING_FOR_WORKERS, obs(alive_nodes=2, registered_workers=1, now=161.0), LIMITS)
     assert d.trigger is T.FATAL
     assert "2/3 nodes alive" in d.reason and "60s" in d.reason
+
+
+def test_a_stall_is_decided_with_the_gateways_reason():
+    why = "replica-b stalled: no token for 2.1s on 3 streams; its engine's counters did not move"
+    d = decide(Role.HEAD, S.SERVING, obs(alive_nodes=3, registered_workers=2, engine_stalled=why), LIMITS)
+    assert d == Decision(T.ENGINE_STALLED, why)

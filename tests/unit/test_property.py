@@ -16,6 +16,7 @@ EVENTS = st.one_of(
     st.fixed_dictionaries({"cluster_epoch": st.integers(1, 3)}),
     st.fixed_dictionaries({"head_reachable": st.booleans()}),
     st.fixed_dictionaries({"engine_failure": st.sampled_from([None, "engine exited 1"])}),
+    st.fixed_dictionaries({"engine_stalled": st.sampled_from([None, "replica-b stalled"])}),
     st.sampled_from(["health_fail", "health_ok", "advance"]),
 )
 

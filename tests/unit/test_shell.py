@@ -141,6 +141,27 @@ async def test_a_node_death_is_recorded_as_node_lost_timed_from_its_first_sign(t
     await head.stop()
 
 
+async def test_a_stalled_replica_degrades_the_cluster_until_the_gateway_clears_it(tmp_path):
+    """The gateway holds a replica as stalled (its streams make no token progress, its
+    engine's counters confirm it): the reconciler publishes it, the head goes DEGRADED
+    with `engine_stalled` and the gateway's reason, and recovers once it is cleared."""
+    world = World()
+    head = start_head(tmp_path, world)
+    await until(lambda: head.node.coordinator is not None, what="coordinator")
+    await join_fake_worker(world)
+    await head.reach(State.SERVING)
+    why = f"replica-{WORKER_ID} stalled: no token for 2.1s on 1 stream; its engine's counters did not move"
+    head.node.gateway.stalled = lambda: why
+    head.node.engines.wake()
+    await head.reach(State.DEGRADED, timeout=2.0)
+    assert (head.loop.last_moved.trigger.value, head.loop.last_moved.reason) == ("engine_stalled", why)
+    assert head.node.board.get("engine_stalled") == why
+    head.node.gateway.stalled = lambda: None
+    head.node.engines.wake()
+    await head.reach(State.SERVING, timeout=2.0)
+    await head.stop()
+
+
 async def test_a_draining_workers_replica_is_retired_when_its_report_lands(tmp_path):
     """Not at the next engine poll (--health-interval later, long enough for a client
     to land on the leaving replica): the coordinator's change wakes the reconciler."""
