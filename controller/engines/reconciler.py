@@ -207,8 +207,12 @@ class EngineReconciler(Reconciler):
             in_flight = self.gateway.retire(replica_id_of(node_id)) if node_id in self.replicas.handles else None
             if in_flight and now - since < self.drain_timeout:
                 continue  # its requests are still being answered
+            # Past the deadline, what is still running is continued on the other
+            # replicas before this one stops: cut here, not by the engine's end.
+            moved = self.gateway.evacuate(replica_id_of(node_id), "drain") if in_flight else 0
             await self.replicas.stop_one(node_id, timeout=STOP_REPLICA_TIMEOUT_S)
-            log.info("worker_released", node_id=node_id, requests_left=in_flight or 0, waited_s=round(now - since, 2))
+            log.info("worker_released", node_id=node_id, requests_left=in_flight or 0, continued_elsewhere=moved,
+                     waited_s=round(now - since, 2))
             done.append(node_id)
         if done:
             await self.coordinator.release(done)

@@ -19,8 +19,9 @@ from collections import deque
 # No silence shorter than this is suspicious: the head's own event loop was seen
 # stalled 0.35-0.77 s on a loaded 2-core machine, and a stream then arrives late.
 STALL_FLOOR_S = 1.0
-# Silence this many times the replica's longest recent inter-token gap.
-GAP_FACTOR = 4.0
+# Silence this many times the replica's longest recent inter-token gap (the
+# engine's counters confirm a suspicion, so a tight deadline costs two reads).
+GAP_FACTOR = 2.0
 RECENT_GAPS = 64
 # Prefill allowance per KiB of a prompt that has no first token yet (a 4K-token
 # prompt is about 16 KiB of JSON: 1.6 s more).

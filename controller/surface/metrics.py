@@ -8,7 +8,8 @@ Two kinds of figures:
   every transition (the coordinator's), alive and expected nodes, replicas by
   state, requests in flight (the gateway's), and retries by operation (worker
   joins: the coordinator; engine restarts: the engine reconciler; requests
-  sent again: the gateway). Those totals only grow where they are kept, so
+  sent again: the gateway), and the gateway's continuations by reason, stalls
+  and failed requests by cause. Those totals only grow where they are kept, so
   nothing here keeps a ledger of its own.
 
 Names follow Prometheus conventions: `llmctl_` prefix, base units in the name

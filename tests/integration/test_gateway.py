@@ -368,6 +368,62 @@ async def long_stream(session: aiohttp.ClientSession, url: str, started: asyncio
 
 
 @pytest.mark.chaos
+async def test_a_frozen_node_is_found_stalled_within_seconds_and_its_streams_finish_elsewhere(gw, chaos_report):
+    """Every process of the worker node frozen (SIGSTOP: a hung machine, its TCP
+    still accepting) while streams run on its replica: the gateway sees no token
+    come, its engine's metrics do not answer, the replica is marked stalled
+    (DEGRADED, engine_stalled) within seconds, and its streams continue on the
+    head's replica. Thawed, the node serves again."""
+    s = gw.record()
+    victim = next(n for n in s["nodes"] if n["role"] == "worker")
+    victim_replica = f"replica-{victim['node_id']}"
+    stop = asyncio.Event()
+    load = asyncio.create_task(run_load(gw.url, stop, concurrency=4))
+    await asyncio.sleep(3)
+    victim_pids = await asyncio.to_thread(tk.node_pids, victim, s["nodes"])
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        for attempt in range(3):
+            started: asyncio.Queue = asyncio.Queue()
+            streams = [asyncio.create_task(long_stream(session, gw.url, started)) for _ in range(6)]
+            while await asyncio.wait_for(started.get(), 60) != victim_replica:
+                pass
+            frozen_at = time.monotonic()
+            processes.signal_all(victim_pids, signal.SIGSTOP)
+            try:
+                if await stream_frozen_on(victim_replica, streams, started):
+                    degraded = await asyncio.to_thread(tk.wait_cluster_state, gw.control_port, "DEGRADED", 30)
+                    detect_s = time.monotonic() - frozen_at
+                    break
+            finally:
+                # Thawed once seen (or to try again): Ray declares a node silent for
+                # about 7 s dead, which is another test's fault.
+                processes.signal_all(victim_pids, signal.SIGCONT)
+            await asyncio.gather(*streams)
+            await asyncio.to_thread(tk.wait_cluster_state, gw.control_port, "SERVING", 60)
+        else:
+            pytest.fail("no stream on the victim's replica was still under way when its node froze, 3 tries")
+        ended = await asyncio.gather(*streams)
+    stop.set()
+    results = await load
+    on_victim = [how for rid, how, at in ended if rid == victim_replica and at > frozen_at]
+    print(f"node frozen (try {attempt + 1}): DEGRADED after {detect_s:.2f}s; {len(on_victim)} streams on its "
+          f"replica ended {on_victim}; all {[(rid, how) for rid, how, _ in ended]}")
+    assert on_victim and all(how == "done" for _, how, _ in ended), ended
+    assert degraded["cluster"]["state"] == "DEGRADED"
+    move = next(t for t in reversed(tk.transitions(gw.head.events(), "head-127.0.0.2")) if t["to"] == "DEGRADED")
+    assert move["trigger"] == "engine_stalled" and move["reason"].startswith(f"{victim_replica} stalled"), move
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, failed[:5]
+    back = await asyncio.to_thread(tk.wait_cluster_state, gw.control_port, "SERVING", 90)
+    assert {r["state"] for r in back["replicas"]} == {"READY"}
+    gateway = back["gateway"]
+    assert gateway["stalls"] >= 1 and gateway["continuations"].get("stall", 0) >= len(on_victim), gateway
+    chaos_report(fault="worker node frozen (SIGSTOP of every process) under load", detect_s=detect_s,
+                 recover_s=time.monotonic() - frozen_at, requests=len(results) + len(ended),
+                 failed=len(failed) + sum(1 for _, how, _ in ended if how != "done"))
+
+
+@pytest.mark.chaos
 async def test_killing_a_replicas_node_under_load_loses_no_request_started_after(gw, chaos_report):
     s = gw.record()
     victim = next(n for n in s["nodes"] if n["role"] == "worker")
@@ -402,17 +458,20 @@ async def test_killing_a_replicas_node_under_load_loses_no_request_started_after
     await asyncio.sleep(12)
     stop.set()
     results = await load
-    # Streams on the dead replica end with a clear error event, and are counted (one
-    # may have finished just before the SIGKILL landed); the others run to their end.
+    # Streams on the dead replica are continued on the other one (the freeze is seen
+    # as a stall, the SIGKILL as a reset, whichever comes first): every one runs to
+    # its end, none ends with an error event.
     on_victim = [how for rid, how, at in ended if rid == victim_replica and at > killed_at]
     elsewhere = [how for rid, how, at in ended if rid != victim_replica]
-    broken = on_victim.count("error event")
     print(f"streams when the node died (try {attempt + 1}): {len(on_victim)} on its replica ended with {on_victim}, "
           f"{len(elsewhere)} elsewhere with {elsewhere}; all: "
           f"{[(rid, how, round(at - killed_at, 2)) for rid, how, at in ended]}")
-    assert broken >= 1 and all(how in ("error event", "done") for how in on_victim)
+    assert on_victim and all(how == "done" for how in on_victim), on_victim
     assert all(how == "done" for how in elsewhere)
-    assert gw.status()["gateway"]["counts"]["streams_broken"] == broken
+    gateway = gw.status()["gateway"]
+    assert sum(gateway["continuations"].values()) >= len(on_victim), gateway
+    assert not gateway["requests_failed"], gateway
+    broken = 0
     before = [r for r in results if r[2] < killed_at]
     after = [r for r in results if r[2] >= killed_at]
     in_flight_failed = [r for r in before if r[0] != 200]
@@ -420,7 +479,7 @@ async def test_killing_a_replicas_node_under_load_loses_no_request_started_after
     print(f"node kill under load: {len(before)} requests started before the kill "
           f"({len(in_flight_failed)} failed), {len(after)} after ({len(after_failed)} failed)")
     assert len(after) >= 20 and not after_failed, after_failed[:5]
-    assert not in_flight_failed  # refused before any byte came back: retried on the other replica
+    assert not in_flight_failed  # refused, or cut mid-answer: retried or continued on the other replica
     chaos_report(fault="worker node SIGKILL under load (gateway)", requests=len(results) + len(ended),
                  failed=broken, lost=len(after_failed))
     st = tk.wait_cluster_state(gw.control_port, "DEGRADED", 30)

@@ -17,12 +17,84 @@ from controller import testing as tk
 from .conftest import serving_cluster, stop_cluster
 
 ENGINES_TIMEOUT = 420
+LONG = 300  # tokens: a few seconds of streaming here, long enough to be cut midway
+
+
+def long_requests(n_streams: int, n_plain: int, tag: str) -> list[tuple[str, dict]]:
+    """Temperature-0 requests of LONG tokens, half chat half completions."""
+    out = []
+    for i in range(n_streams + n_plain):
+        stream = i < n_streams
+        extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+        if i % 2:
+            out.append(("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user",
+                        "content": f"{tag} {i}"}], "max_tokens": LONG, "temperature": 0, "ignore_eos": True, **extra}))
+        else:
+            out.append(("/v1/completions", {"model": "tiny", "prompt": f"{tag} {i}", "max_tokens": LONG,
+                                            "temperature": 0, "ignore_eos": True, **extra}))
+    return out
+
+
+async def answer(session, url: str, route: str, body: dict, started=None) -> dict:
+    """One request through the gateway, as a client sees it: its replica (the
+    first), status, text, finish reason, usage, error events, tokens seen."""
+    import json as jsonlib
+
+    got = {"route": route, "stream": bool(body.get("stream")), "text": "", "finish": None, "usage": None,
+           "errors": [], "events": 0, "ids": set()}
+    async with session.post(url + route, json=body) as resp:
+        got["status"], got["replica"] = resp.status, resp.headers.get("X-Replica-Id")
+        if not body.get("stream"):
+            data = await resp.json()
+            if resp.status == 200:
+                choice = data["choices"][0]
+                got["text"] = choice["message"]["content"] if "message" in choice else choice["text"]
+                got["finish"], got["usage"] = choice["finish_reason"], data["usage"]
+            return got
+        async for line in resp.content:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            event = jsonlib.loads(line[6:])
+            if "error" in event:
+                got["errors"].append(event["error"])
+                continue
+            got["ids"].add(event["id"])
+            got["usage"] = event.get("usage") or got["usage"]
+            for c in event["choices"]:
+                got["text"] += (c["delta"].get("content") or "") if "delta" in c else c["text"]
+                got["finish"] = c.get("finish_reason") or got["finish"]
+                got["events"] += 1
+                if started is not None and got["events"] == 20:
+                    started.put_nowait(got["replica"])
+    return got
+
+
+def run_answers(url: str, requests: list[tuple[str, dict]], during=None) -> list[dict]:
+    """The requests at once; `during(started)`, when given, runs while they do (its
+    queue gets each stream's replica at its 20th event)."""
+    import asyncio
+
+    import aiohttp
+
+    async def scenario():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+            started: asyncio.Queue = asyncio.Queue()
+            tasks = [asyncio.create_task(answer(session, url, r, b, started)) for r, b in requests]
+            if during is not None:
+                await during(started, tasks)
+            return await asyncio.gather(*tasks)
+
+    return asyncio.run(scenario())
 
 
 @pytest.fixture(scope="module")
 def engine_cluster(tmp_path_factory):
     c = serving_cluster(tmp_path_factory.mktemp("engines"), ENGINES_TIMEOUT,
-                        extra=("--engine", "vllm", "--wait-timeout", "400", "--probe-interval", "5"))
+                        extra=("--engine", "vllm", "--wait-timeout", "400", "--probe-interval", "5",
+                               # short: a worker's SIGTERM under long streams reaches the head's drain
+                               # deadline, where its replica's requests are continued elsewhere
+                               "--drain-timeout", "5"))
     yield c
     stop_cluster(c)
 
@@ -80,23 +152,44 @@ def test_killed_engine_degrades_then_restarts_to_serving(engine_cluster, chaos_r
 
 
 @pytest.mark.chaos
-def test_engine_alive_but_not_generating_is_caught_by_the_probe(engine_cluster, chaos_report):
+def test_an_engine_that_stalls_under_load_is_marked_and_its_streams_finish_elsewhere(engine_cluster, chaos_report):
+    """EngineCore frozen (SIGSTOP) while streams run on it: its API server still
+    answers /health, no token comes out. The gateway sees the silence, confirms it
+    from the engine's counters, marks the replica stalled (DEGRADED, trigger
+    engine_stalled) and continues its streams elsewhere; the supervisor's probe
+    then restarts the engine."""
+    import asyncio
+
     c = engine_cluster
     s = c.status()
+    gateway = f"http://127.0.0.1:{s['gateway']['port']}"
     victim = next(r for r in s["replicas"] if r["node_id"] == "worker-127.0.0.4")
     core = tk.engine_core_pid(victim["pid"])
-    t0 = time.monotonic()
-    os.kill(core, signal.SIGSTOP)  # the API server still answers /health; no token comes out
+    seen: dict = {}
+
+    async def freeze(started, tasks):
+        while await asyncio.wait_for(started.get(), 120) != victim["replica_id"]:
+            pass
+        seen["t0"] = time.monotonic()
+        os.kill(core, signal.SIGSTOP)  # mid-stream: no token comes out of it from here
+        degraded = await asyncio.to_thread(tk.wait_cluster_state, c.control_port, "DEGRADED", 60)
+        seen["detect_s"], seen["degraded"] = time.monotonic() - seen["t0"], degraded
+
     try:
+        ended = run_answers(gateway, long_requests(6, 0, "stall"), freeze)
         with urllib.request.urlopen(victim["url"] + "/health", timeout=5) as resp:
-            assert resp.status == 200
-        degraded = tk.wait_cluster_state(c.control_port, "DEGRADED", 90)
-        detect_s = time.monotonic() - t0
-        move = tk.transitions(c.head.events(), "head-127.0.0.2")[-1]
-        assert move["trigger"] == "engine_failed" and move["reason"].startswith(f"{victim['replica_id']} is")
-        assert degraded["cluster"]["state"] == "DEGRADED"
-        # The supervisor's own word: the probe caught it (the DEGRADED reason may be the
-        # gateway's, which sees the port close as soon as the supervisor stops the engine).
+            assert resp.status == 200  # the API server answers: only progress tells
+        on_victim = [a for a in ended if a["replica"] == victim["replica_id"]]
+        assert on_victim, ended
+        for a in ended:
+            assert a["status"] == 200 and not a["errors"] and a["finish"] == "length", a
+            assert a["usage"]["completion_tokens"] == LONG and len(a["ids"]) == 1, a
+        move = next(t for t in reversed(tk.transitions(c.head.events(), "head-127.0.0.2")) if t["to"] == "DEGRADED")
+        assert move["trigger"] == "engine_stalled" and move["reason"].startswith(f"{victim['replica_id']} stalled")
+        st = c.status()
+        assert st["gateway"]["stalls"] >= 1 and st["gateway"]["continuations"].get("stall", 0) >= len(on_victim)
+        # The supervisor's own word: its probe times out and the counters stand still,
+        # so the engine is restarted.
         restarting = tk.wait_for(lambda: [r for r in c.status()["replicas"]
                                           if r["replica_id"] == victim["replica_id"] and r["state"] == "RESTARTING"],
                                  60, 0.2, what="the replica RESTARTING")[0]
@@ -105,23 +198,62 @@ def test_engine_alive_but_not_generating_is_caught_by_the_probe(engine_cluster, 
     finally:
         if processes.is_running(core):
             os.kill(core, signal.SIGCONT)
+    print(f"EngineCore SIGSTOP under load: DEGRADED (engine_stalled) {seen['detect_s']:.2f}s after the freeze; "
+          f"{len(on_victim)} streams on it continued elsewhere")
     back = tk.wait_cluster_state(c.control_port, "SERVING", ENGINES_TIMEOUT)
     assert not processes.is_running(core)  # the hung engine was stopped, not left behind
     restarted = next(r for r in back["replicas"] if r["replica_id"] == victim["replica_id"])
     assert restarted["state"] == "READY" and restarted["restarts"] == 1
-    chaos_report(fault="engine hung (EngineCore SIGSTOP): the generation probe", detect_s=detect_s,
-                 recover_s=time.monotonic() - t0)
+    chaos_report(fault="engine hung under load (EngineCore SIGSTOP): stall watch", detect_s=seen["detect_s"],
+                 recover_s=time.monotonic() - seen["t0"], requests=len(ended),
+                 failed=sum(1 for a in ended if a["errors"] or a["status"] != 200))
 
 
 @pytest.mark.chaos
 def test_lost_node_takes_its_replica_and_a_new_worker_gets_one(engine_cluster, chaos_report):
+    """A worker node SIGKILLed while long streams and plain requests run on its
+    replica: every one completes, with the text the same request gets from a
+    healthy replica (temperature 0), no error event; then the node's replica is
+    dropped and a new worker gets one."""
+    import asyncio
+
     c = engine_cluster
     s = c.record()
-    t0 = time.monotonic()
-    victim = next(n for n in s["nodes"] if n["address"] == "127.0.0.3")
+    gateway = f"http://127.0.0.1:{s['gateway']['port']}"
+    requests = long_requests(12, 4, "lost node")
+    reference = run_answers(gateway, requests)  # unbroken answers, before anything fails
+    assert all(a["status"] == 200 and a["finish"] == "length" and not a["errors"] for a in reference), reference
+    seen: dict = {}
+
+    async def kill_busiest_worker(started, tasks):
+        counts: dict = {}
+        await asyncio.sleep(0)
+        while sum(counts.values()) < 12:  # every stream is under way (its 20th event is in)
+            rid = await asyncio.wait_for(started.get(), 120)
+            counts[rid] = counts.get(rid, 0) + 1
+        worker_counts = {rid: n for rid, n in counts.items() if "worker-" in rid}
+        rid = max(worker_counts, key=worker_counts.get)
+        victim = next(n for n in s["nodes"] if f"replica-{n['node_id']}" == rid)
+        seen.update(victim=victim, streams=worker_counts[rid], t0=time.monotonic())
+        seen["killed"] = await asyncio.to_thread(tk.kill_node, victim, s["nodes"])
+
+    ended = run_answers(gateway, requests, kill_busiest_worker)
+    t0, victim = seen["t0"], seen["victim"]
     victim_replica = next(r for r in s["replicas"] if r["node_id"] == victim["node_id"])
-    killed = tk.kill_node(victim, s["nodes"])
-    assert victim_replica["pid"] in killed  # the engine went down with its node
+    assert victim_replica["pid"] in seen["killed"]  # the engine went down with its node
+    on_victim = [a for a in ended if a["replica"] == victim_replica["replica_id"]]
+    assert seen["streams"] >= 3, f"only {seen['streams']} streams on the busiest worker's replica"
+    for got, want in zip(ended, reference):
+        assert got["status"] == 200 and not got["errors"] and got["finish"] == "length", got
+        assert got["text"] == want["text"], (got["replica"], got["route"], got["text"][:80], want["text"][:80])
+        assert got["usage"]["completion_tokens"] == LONG, got
+        assert len(got["ids"]) <= 1, got  # one id throughout a stream
+    continued = [e for e in c.head.events() if e["event"] == "continued"
+                 and e["from_replica"] == victim_replica["replica_id"]]
+    assert len(continued) >= len([a for a in on_victim if a["stream"]]) >= 3, continued
+    print(f"node SIGKILL: {len(on_victim)} answers on its replica ({seen['streams']} streams), all completed "
+          f"elsewhere; gaps the clients saw (ms): {sorted(e['gap_ms'] for e in continued if e['gap_ms'] is not None)}; "
+          f"tokens replayed: {[e['tokens_replayed'] for e in continued]}")
     tk.wait_cluster_state(c.control_port, "DEGRADED", 60)
     detect_s = time.monotonic() - t0
 
@@ -136,8 +268,9 @@ def test_lost_node_takes_its_replica_and_a_new_worker_gets_one(engine_cluster, c
     joined = time.monotonic()
     c.start(c.worker_args("127.0.0.5", "--join-delay", "2"), "worker-127.0.0.5")
     back = tk.wait_cluster_state(c.control_port, "SERVING", ENGINES_TIMEOUT)
-    chaos_report(fault="worker node SIGKILL (replicated engines), then a new worker", detect_s=detect_s,
-                 recover_s=time.monotonic() - joined)
+    chaos_report(fault="worker node SIGKILL (replicated engines) under long streams, then a new worker",
+                 detect_s=detect_s, recover_s=time.monotonic() - joined, requests=len(ended),
+                 failed=sum(1 for a in ended if a["errors"] or a["status"] != 200))
     c.record()
     fresh = next(r for r in back["replicas"] if r["node_id"] == "worker-127.0.0.5")
     assert fresh["state"] == "READY" and fresh["url"].startswith("http://127.0.0.5:")
@@ -149,9 +282,10 @@ def test_lost_node_takes_its_replica_and_a_new_worker_gets_one(engine_cluster, c
 
 @pytest.mark.chaos
 def test_sigterm_to_a_worker_drains_its_replica_and_the_rest_serve_on(engine_cluster, chaos_report):
-    """The worker leaves alone: requests in flight on its replica finish, no new one
-    goes there, the cluster is DEGRADED (not down), and the worker exits 0 with
-    nothing left."""
+    """The worker leaves alone: no new request goes to its replica, and those in
+    flight on it that outlast the head's drain deadline (5 s here) are continued on
+    the others, not cut; the cluster is DEGRADED (not down), and the worker exits 0
+    with nothing left."""
     import asyncio
     import json as jsonlib
 
@@ -162,7 +296,7 @@ def test_sigterm_to_a_worker_drains_its_replica_and_the_rest_serve_on(engine_clu
     leaving = next(p for p in c.started if "worker-127.0.0.5" in p.log_path.name)
     node = next(n for n in s["nodes"] if n["node_id"] == "worker-127.0.0.5")
     gateway = f"http://127.0.0.1:{s['gateway']['port']}"
-    body = {"model": "tiny", "prompt": "drain", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    body = {"model": "tiny", "prompt": "drain", "max_tokens": 900, "ignore_eos": True, "stream": True}
 
     async def stream(session, started: asyncio.Queue):
         async with session.post(gateway + "/v1/completions", json=body) as resp:
@@ -201,6 +335,8 @@ def test_sigterm_to_a_worker_drains_its_replica_and_the_rest_serve_on(engine_clu
     assert not processes.tree({node["pid"]}, {node["ray_pgid"]})
     released = [e for e in c.head.events() if e["event"] == "worker_released"]
     assert released and released[-1]["node_id"] == "worker-127.0.0.5"
+    moved = [e for e in c.head.events() if e["event"] == "continued" and e["reason"] == "drain"]
+    assert released[-1]["continued_elsewhere"] >= 1 and len(moved) >= released[-1]["continued_elsewhere"], released[-1]
     worker_moves = [(t["from"], t["to"]) for t in tk.transitions(leaving.events(), "worker-127.0.0.5")]
     assert worker_moves[-2:] == [("SERVING", "DRAINING"), ("DRAINING", "STOPPED")]
     st = tk.wait_cluster_state(c.control_port, "DEGRADED", 60)
