@@ -525,6 +525,8 @@ class Gateway:
             finally:
                 flight.land()
             if isinstance(outcome, web.StreamResponse):
+                if not flight.continuation_logged:  # a JSON answer: nothing was written while it was made
+                    flight._log_continued(None)
                 replica.served += 1
                 replica.last_ok = self.clock()
                 return outcome, replica.replica_id, attempts, len(splice.generated) if splice.identity else None
@@ -566,12 +568,22 @@ class Gateway:
         answer is complete, None when the replica refused the connection (nothing was
         sent), or the Cut that ended the leg early."""
         replica = flight.replica
+        # A task of its own, so that a stall can end the leg before its response begins.
+        post = flight.connecting = asyncio.ensure_future(self._session.post(replica.url + route, json=body))
         try:
-            upstream = await self._session.post(replica.url + route, json=body)
+            upstream = await post
         except NOTHING_RECEIVED as exc:
             self._refused(replica, exc)
             return None
+        except asyncio.CancelledError:
+            if post.done() and not post.cancelled() and post.exception() is None:
+                post.result().close()  # its response came just as the leg was cancelled
+            if flight.cut_reason is None or asyncio.current_task().cancelling():
+                raise  # the client left, or the request timed out
+            return flight.end(flight.cut_reason, "no response began")
         flight.upstream = upstream
+        if flight.cut_reason is not None:  # cut as its response arrived
+            upstream.close()
         replica.progress.sent(id(flight), len(body.get("prompt") or "") * 4 if flight.cut else
                               request.content_length or 0)
         try:
@@ -678,8 +690,8 @@ class Gateway:
         if cut is not None:
             message = f"{cut.replica_id} failed mid-answer ({cut.reason}: {cut.detail}); {message}"
         log.warning("request_failed", request_id=streaming.get("request_id"), cause=cause, reason=message)
-        if "response" in streaming:
-            await _write_quietly(streaming["response"], sse_error(message, "replica_failed"))
+        if "response" in streaming:  # ended as vLLM ends a stream after its own error event
+            await _write_quietly(streaming["response"], sse_error(message, "replica_failed") + b"data: [DONE]\n\n")
             return streaming["response"]
         return error_response(502, message, "server_error", "replica_failed")
 
@@ -712,8 +724,8 @@ class Cut:
 class Flight:
     """One request's stay on one replica: what the stall watch and a drain see of it."""
 
-    __slots__ = ("replica", "cut", "streaming", "request_id", "replayed", "upstream", "cut_reason", "last_token",
-                 "continuation_logged", "_landed")
+    __slots__ = ("replica", "cut", "streaming", "request_id", "replayed", "connecting", "upstream", "cut_reason",
+                 "last_token", "continuation_logged", "_landed")
 
     def __init__(self, replica: Replica, cut: Cut | None, streaming: dict[str, Any], request_id: str,
                  replayed: int) -> None:
@@ -722,6 +734,7 @@ class Flight:
         self.streaming = streaming
         self.request_id = request_id
         self.replayed = replayed  # generated tokens given back to this replica as prompt
+        self.connecting: asyncio.Future | None = None  # the request, until its response begins
         self.upstream: aiohttp.ClientResponse | None = None
         self.cut_reason: str | None = None  # set by the gateway when it ends this leg (stall, drain)
         self.last_token: float | None = None
@@ -749,10 +762,13 @@ class Flight:
 
     def interrupt(self, reason: str) -> bool:
         """End this leg now (the replica stalled or must stop): its answer continues elsewhere."""
-        if self.upstream is None or self.cut_reason is not None:
+        if self.cut_reason is not None or (self.upstream is None and self.connecting is None):
             return False
         self.cut_reason = reason
-        self.upstream.close()
+        if self.upstream is not None:
+            self.upstream.close()
+        else:  # no response yet (a frozen engine); one that just arrived is closed by _leg
+            self.connecting.cancel()
         return True
 
     def land(self) -> None:

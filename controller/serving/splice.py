@@ -130,7 +130,11 @@ class Splice:
     # -- what goes to an engine ----------------------------------------------------------
 
     def engine_body(self) -> dict[str, Any]:
-        """The first leg: the client's request as a stream with token ids."""
+        """The first leg: the client's request as a stream with token ids. One that
+        cannot be continued goes as the client sent it (several choices, say, are
+        the engine's to put together)."""
+        if self.not_continuable:
+            return self.body
         body = dict(self.body, stream=True, return_token_ids=True)
         if not self.client_streams:
             body["stream_options"] = {"include_usage": True}
@@ -190,8 +194,9 @@ class Splice:
         return self.leg_base if self.leg else 0
 
     def finished(self) -> bool:
-        """The client has its whole answer but maybe not the end of the stream."""
-        return self.finish_reason is not None
+        """The client has its whole answer but maybe not the end of the stream (known
+        only of an answer of one choice: one that can be continued)."""
+        return self.finish_reason is not None and self.not_continuable is None
 
     # -- engine events in, client bytes out ----------------------------------------------
 
@@ -275,6 +280,8 @@ class Splice:
             self.fingerprint = event["system_fingerprint"]
         if not self.client_streams:
             return b""
+        if event.get("choices") and not choices:
+            return b""  # all of it was a replay: the client has it (and its usage, if continuous)
         if event.get("usage") is not None and not choices:
             if not self.client_usage:
                 return b""

@@ -180,13 +180,16 @@ class FakeEngine:
             await self.cluster.release.wait()
             raise ConnectionResetError
         generated: list[list[int]] = [[] for _ in range(n)]
-        if not body.get("stream"):  # the gateway's stall-clear probe: one JSON answer
-            for _ in range(max_tokens):
-                generated[0].append(next_token(ids + generated[0]))
-            self.generation_tokens += max_tokens
-            text = "".join(token_text(t) for t in generated[0])
+        if not body.get("stream"):  # one JSON answer (the stall-clear probe; a request passed on as is)
+            for c in range(n):
+                for _ in range(max_tokens):
+                    generated[c].append(next_token(ids + generated[c]))
+            self.generation_tokens += n * max_tokens
             return web.json_response({**ident, "object": "text_completion", "choices": [
-                {"index": 0, "text": text, "finish_reason": "length", "token_ids": generated[0]}]})
+                {"index": c, "text": "".join(token_text(t) for t in generated[c]), "finish_reason": "length",
+                 "token_ids": generated[c] if want_ids else None} for c in range(n)],
+                "usage": {"prompt_tokens": len(ids), "total_tokens": len(ids) + n * max_tokens,
+                          "completion_tokens": n * max_tokens}})
         self.running += 1
         try:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
