@@ -67,6 +67,8 @@ class Sample:
     itl: list[float] = field(default_factory=list)  # gaps between token chunks (streaming)
     tokens: int = 0
     error: str | None = None
+    replica: str | None = None     # the gateway's X-Replica-Id: the replica that began the answer
+    done: bool = False             # the stream ended with its `data: [DONE]`
 
     @property
     def ok(self) -> bool:
@@ -80,6 +82,7 @@ async def send_completion(session: aiohttp.ClientSession, url: str, body: dict[s
         async with asyncio.timeout(timeout):
             async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
                 sample.status = resp.status
+                sample.replica = resp.headers.get("X-Replica-Id")
                 if not body.get("stream"):
                     data = await resp.read()
                     sample.latency = time.perf_counter() - planned_at
@@ -89,7 +92,10 @@ async def send_completion(session: aiohttp.ClientSession, url: str, body: dict[s
                 last, usage_tokens = None, None
                 async for raw in resp.content:
                     line = raw.strip()
-                    if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    if line == b"data: [DONE]":
+                        sample.done = True
+                        continue
+                    if not line.startswith(b"data:"):
                         continue
                     now = time.perf_counter()
                     event = json.loads(line[5:])
