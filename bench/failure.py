@@ -12,13 +12,24 @@ were sent: before the kill (in flight on the dead replica), between the kill
 and detection, after detection (goal: none). Latency percentiles before,
 during (kill to SERVING again) and after.
 
+What the clients of the streams under way on the killed replica saw: just
+before each kill, `--long-streams` long streams (`--long-tokens` tokens) join
+the load, and the node is killed once one of them is a quarter done on the
+victim's replica. Every stream (load or long) whose first replica (the
+gateway's `X-Replica-Id`) was the victim and that was under way at the kill is
+counted; broken ones (an error event, or no `[DONE]`: goal 0); per stream the
+longest gap between two of its events (send, token chunks, end) that ends after
+the kill, p50/p99 over the streams; the gateway's own `gap_ms` and
+`tokens_replayed` from its `continued` log events (tokens recomputed).
+
 The same cycle runs once more on a cluster left with Ray's default node
 health checks (`--ray-health-check ray`), to show what the controller's own
 signals add. Last, a graceful drain: SIGTERM to the head under load; requests
 sent before it must all complete (goal: 0 lost), later ones are refused
 (503), every node reaches STOPPED and no process is left.
 
-    python -m bench.failure [--kills 3] [--ray-kills 1] [--rate 4] [--max-tokens 16] [--out bench/results/failure.json]
+    python -m bench.failure [--kills 3] [--ray-kills 1] [--rate 4] [--max-tokens 16] [--long-streams 4]
+                            [--long-tokens 400] [--out bench/results/failure.json]
 
     python -m bench.failure --replot bench/results/raw/failure.json.gz   # files again from the raw samples
 
@@ -36,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +154,93 @@ def latency_table(samples: list[loadgen.Sample]) -> dict[str, Any]:
     return {"sent": len(samples), "ok": len(ok), **loadgen.summary(ok)}
 
 
+def moments(s: dict[str, Any]) -> list[float]:
+    """A stream's events as its client saw them (s from the load's start): its send,
+    every token chunk, its end."""
+    times = [s["planned"] + s["send_lag"]]
+    if s.get("ttft") is not None:
+        t = s["planned"] + s["ttft"]
+        times.append(t)
+        for gap in s.get("itl") or []:
+            t += gap
+            times.append(t)
+    if s.get("latency") is not None:
+        times.append(s["planned"] + s["latency"])
+    return times
+
+
+def gap_at(s: dict[str, Any], at: float) -> float | None:
+    """The longest wait the stream's client had between two of its events, the later
+    one after `at` (the failure): the silence the failure cost it."""
+    times = moments(s)
+    gaps = [b - a for a, b in zip(times, times[1:]) if b >= at]
+    return max(gaps) if gaps else None
+
+
+def under_way_on(s: dict[str, Any], replica_id: str, at: float) -> bool:
+    """Begun by `replica_id` (its first bytes came from it) and not over at `at`."""
+    end = None if s.get("latency") is None else s["planned"] + s["latency"]
+    return (s.get("replica") == replica_id and s["planned"] + s["send_lag"] < at
+            and (end is None or end > at))
+
+
+def broken(s: dict[str, Any]) -> bool:
+    """An answer the client did not get whole: an error (event or status) or no [DONE]."""
+    return s["status"] != 200 or not s.get("done")
+
+
+def event_time(e: dict[str, Any]) -> float:
+    """A log event's wall-clock time (its ISO timestamp), as time.time() gives it."""
+    return datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def stream_figures(samples: list[dict[str, Any]], victim_replica: str, t_kill: float,
+                   continued: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the clients of the streams under way on the victim at the kill saw, and
+    the gateway's own account (`continued` events from the victim)."""
+    hit = [s for s in samples if under_way_on(s, victim_replica, t_kill)]
+    gaps = [g for s in hit if (g := gap_at(s, t_kill)) is not None]
+    gateway_gaps = [e["gap_ms"] / 1000 for e in continued if e.get("gap_ms") is not None]
+    reasons: dict[str, int] = {}
+    for e in continued:
+        reasons[e.get("reason")] = reasons.get(e.get("reason"), 0) + 1
+    return {
+        "in_flight_on_victim": len(hit),
+        "gateway_gaps": [round(g, 4) for g in gateway_gaps],
+        "long_in_flight_on_victim": sum(1 for s in hit if s["target"] == "long"),
+        "broken": sum(1 for s in hit if broken(s)),
+        "broken_kinds": sorted({f"{s['status']} done={s.get('done')}: {(s.get('error') or '')[:80]}"
+                                for s in hit if broken(s)}),
+        "client_gap_s": loadgen.summary(gaps),
+        "gateway_gap_s": loadgen.summary(gateway_gaps),
+        "gateway_gap_null": sum(1 for e in continued if e.get("gap_ms") is None),
+        "continued": len(continued), "continued_by_reason": reasons,
+        "tokens_recomputed": sum(e.get("tokens_replayed") or 0 for e in continued),
+        "per_stream": [{"sent": round(s["planned"] + s["send_lag"], 3), "target": s["target"],
+                        "status": s["status"], "done": s.get("done"), "tokens": s["tokens"],
+                        "gap_s": None if (g := gap_at(s, t_kill)) is None else round(g, 4)} for s in hit],
+    }
+
+
+async def long_streams(url: str, count: int, tokens: int, t0: float, at: float
+                       ) -> tuple[list[loadgen.Sample], asyncio.Task]:
+    """`count` long streams sent together at `at` (s from t0), to have some under
+    way on the victim when it dies; returned at once, filled as they run."""
+    body = loadgen.completion_body(tokens, prompt="the long stream")
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                    timeout=aiohttp.ClientTimeout(total=None))
+    samples = [loadgen.Sample("long", at, 0.0, 0) for _ in range(count)]
+
+    async def run() -> None:
+        try:
+            await asyncio.gather(*(loadgen.send_completion(session, url, body, {}, t0 + at, REQUEST_TIMEOUT_S, s)
+                                   for s in samples))
+        finally:
+            await session.close()
+
+    return samples, asyncio.get_running_loop().create_task(run())
+
+
 async def kill_cycle(c: BenchCluster, new_ip: str, args: argparse.Namespace, preset: str, n: int) -> dict[str, Any]:
     t0 = time.perf_counter() + 0.05
     timeline, load = Timeline(c.control_url, t0), Load(c.gateway_url, args.rate, args.max_tokens, args.seed + n, t0)
@@ -153,8 +252,24 @@ async def kill_cycle(c: BenchCluster, new_ip: str, args: argparse.Namespace, pre
         nodes = status["nodes"]
         expected = status["cluster"]["expected_nodes"]
         victim = next(n for n in nodes if n["role"] == "worker" and n["state"] == "SERVING")
-        t_kill = timeline.now()
-        pids = await asyncio.to_thread(tk.kill_node, victim, nodes)
+        victim_replica = next((r["replica_id"] for r in status["replicas"] if r.get("node_id") == victim["node_id"]),
+                              f"replica-{victim['node_id']}")
+        # Found before the long streams start: the SIGKILL must land while one runs.
+        pids = await asyncio.to_thread(tk.node_pids, victim, nodes)
+        longs, longs_task = await long_streams(c.gateway_url, args.long_streams, args.long_tokens, t0,
+                                               timeline.now())
+        # The kill lands once one of them is a quarter done on the victim's replica.
+        deadline, quarter = time.monotonic() + 15, max(1, args.long_tokens // 4)
+        while args.long_streams and time.monotonic() < deadline and not any(
+                s.replica == victim_replica and s.tokens >= quarter and s.latency is None for s in longs):
+            await asyncio.sleep(0.01)
+        wall_kill, t_kill = time.time(), timeline.now()
+        left = processes.kill_now(pids)
+        # Anything the node started since its processes were listed goes too.
+        pids |= await asyncio.to_thread(tk.kill_node, victim, nodes)
+        if left:
+            raise RuntimeError(f"processes survived SIGKILL: {sorted(left)}")
+        long_on_victim = sum(1 for s in longs if s.replica == victim_replica and s.latency is None)
         t_degraded = await timeline.wait(t_kill, 120, state="DEGRADED")
         print(f"  [{preset} {n}] SIGKILL {victim['address']} ({len(pids)} processes): DEGRADED after "
               f"{t_degraded - t_kill:.2f}s", flush=True)
@@ -168,17 +283,30 @@ async def kill_cycle(c: BenchCluster, new_ip: str, args: argparse.Namespace, pre
               f"SERVING again {t_serving - t_replace:.1f}s later", flush=True)
         await asyncio.sleep(args.steady)
         samples = await load.finish()
+        await longs_task
     finally:
         if not load.stop_firing.is_set():
             await load.finish()
         await timeline.stop()
     await asyncio.to_thread(c.record)
+    continued = [e for e in c.events() if e.get("event") == "continued" and e.get("from_replica") == victim_replica]
+    failed_events = [{k: e.get(k) for k in ("timestamp", "request_id", "cause", "reason")} for e in c.events()
+                     if e.get("event") == "request_failed" and event_time(e) >= wall_kill - 1]
+    streams = stream_figures(loadgen.samples_json(samples + longs), victim_replica, t_kill, continued)
+    streams["long_sent"], streams["long_on_victim_at_kill"] = len(longs), long_on_victim
+    streams["request_failed_events"] = failed_events
+    print(f"  [{preset} {n}] streams under way on {victim_replica}: {streams['in_flight_on_victim']} "
+          f"({streams['long_in_flight_on_victim']} long), broken {streams['broken']}; client gap p50/p99 "
+          f"{output.ms(streams['client_gap_s']['p50'])}/{output.ms(streams['client_gap_s']['p99'])} ms; "
+          f"{streams['continued']} continued {streams['continued_by_reason']}, gateway gap_ms p50/p99 "
+          f"{output.ms(streams['gateway_gap_s']['p50'])}/{output.ms(streams['gateway_gap_s']['p99'])}; "
+          f"tokens recomputed {streams['tokens_recomputed']}", flush=True)
     failed = [s for s in samples if not s.ok]
     kinds = {"in_flight_at_kill": [s for s in failed if sent_at(s) < t_kill],
              "sent_before_detection": [s for s in failed if t_kill <= sent_at(s) < t_degraded],
              "sent_after_detection": [s for s in failed if sent_at(s) >= t_degraded]}
     return {
-        "preset": preset, "victim": victim["address"], "new_worker": new_ip,
+        "preset": preset, "victim": victim["address"], "victim_replica": victim_replica, "new_worker": new_ip,
         "marks": {"kill": t_kill, "degraded": t_degraded, "ray_node_dead": t_node_dead,
                   "new_worker_started": t_replace, "serving_again": t_serving},
         "kill_to_degraded_s": round(t_degraded - t_kill, 3),
@@ -186,6 +314,8 @@ async def kill_cycle(c: BenchCluster, new_ip: str, args: argparse.Namespace, pre
         "new_worker_to_serving_s": round(t_serving - t_replace, 3),
         "requests": len(samples), "failed": {k: len(v) for k, v in kinds.items()},
         "failure_kinds": sorted({f"{s.status}: {(s.error or '')[:80]}" for s in failed}),
+        "ended_without_done": sum(1 for s in samples if s.ok and not s.done),
+        "streams": streams, "long_streams": {"samples": loadgen.samples_json(longs)},
         "latency": {"before": latency_table([s for s in samples if sent_at(s) < t_kill]),
                     "during": latency_table([s for s in samples if t_kill <= sent_at(s) < t_serving]),
                     "after": latency_table([s for s in samples if sent_at(s) >= t_serving])},
@@ -279,6 +409,7 @@ def markdown(result: dict[str, Any], plots: list[Path]) -> str:
     md.append(f"\nMedian kill→DEGRADED: {s['kill_to_degraded_s_median']} s (controller's checks, "
               f"{s['controller_kills']} kills); Ray's own view of the node: {s['ray_node_dead_s_median']} s "
               f"(controller preset), {s['ray_default_node_dead_s_median']} s (Ray's defaults).\n")
+    md.append(streams_markdown(result))
     kinds = sorted({k for run in result["presets"].values() for c in run["cycles"] for k in c["failure_kinds"]})
     if kinds:
         md.append("\nFailure kinds seen: " + "; ".join(f"`{k}`" for k in kinds) + "\n")
@@ -293,6 +424,39 @@ def markdown(result: dict[str, Any], plots: list[Path]) -> str:
     return "".join(md)
 
 
+def streams_markdown(result: dict[str, Any]) -> str:
+    """The streams under way on the killed replica: what their clients saw."""
+    rows = []
+    for preset, run in result["presets"].items():
+        for i, c in enumerate(run["cycles"], 1):
+            st = c.get("streams")
+            if st is None:  # a raw file from before these figures
+                continue
+            cg, gg = st["client_gap_s"], st["gateway_gap_s"]
+            rows.append([preset, i, f"{st['in_flight_on_victim']} ({st['long_in_flight_on_victim']} long)",
+                         st["broken"], f"{output.ms(cg['p50'])} / {output.ms(cg['p99'])} / {output.ms(cg['max'])}",
+                         f"{output.ms(gg['p50'])} / {output.ms(gg['p99'])} (n={gg['n']}, null {st['gateway_gap_null']})",
+                         ", ".join(f"{k} {v}" for k, v in sorted(st["continued_by_reason"].items())) or "0",
+                         st["tokens_recomputed"], c.get("ended_without_done", "-")])
+    if not rows:
+        return ""
+    s = result["summary"]
+    return ("\nStreams under way on the killed replica (begun by it, its `X-Replica-Id`, and not over at the "
+            "kill; long streams of " f"{result['config'].get('long_tokens')} tokens join the load just before each "
+            "kill). Client gap: per stream, the longest wait between two of its events (send, token chunks, end) "
+            "ending after the kill. Gateway gap: `gap_ms` of its `continued` events from the victim (last byte "
+            "before the failure to the first after; null: nothing written after).\n\n"
+            + output.markdown_table(
+                ["health checks", "kill", "streams in flight on victim", "broken (goal 0)",
+                 "client gap p50 / p99 / max ms", "gateway gap_ms p50 / p99", "continuations by reason",
+                 "tokens recomputed", "all streams: 200 without [DONE]"], rows)
+            + f"\nAll kills: {s.get('streams_in_flight_on_victim')} streams under way on the killed replica, "
+              f"**{s.get('streams_broken')} broken**; client gap p50/p99 {output.ms(s.get('client_gap_s_p50'))} / "
+              f"{output.ms(s.get('client_gap_s_p99'))} ms; gateway gap_ms p50/p99 "
+              f"{output.ms(s.get('gateway_gap_s_p50'))} / {output.ms(s.get('gateway_gap_s_p99'))} ms; "
+              f"{s.get('tokens_recomputed')} tokens recomputed.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=3, help="kill cycles with the controller's health checks")
@@ -303,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replace-after", type=float, default=5.0, help="seconds after DEGRADED to start a new worker")
     parser.add_argument("--after-term", type=float, default=10.0, help="seconds of load after SIGTERM in the drain run")
     parser.add_argument("--no-drain", action="store_true")
+    parser.add_argument("--long-streams", type=int, default=4,
+                        help="long streams sent just before each kill (0: none; the kill then waits for nothing)")
+    parser.add_argument("--long-tokens", type=int, default=400, help="tokens of each long stream")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="bench/results/failure.json")
     parser.add_argument("--replot", metavar="RAW.json.gz",
@@ -326,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         values = [v for v in values if v is not None]
         return round(statistics.median(values), 3) if values else None
 
+    all_cycles = ctl + ray
+    client_gaps = [x["gap_s"] for c in all_cycles for x in c["streams"]["per_stream"] if x["gap_s"] is not None]
+    events_gaps = [g for c in all_cycles for g in c["streams"].get("gateway_gaps", [])]
     result["summary"] = {
         "controller_kills": len(ctl),
         "kill_to_degraded_s_median": med([c["kill_to_degraded_s"] for c in ctl]),
@@ -334,6 +504,13 @@ def main(argv: list[str] | None = None) -> int:
         "ray_default_node_dead_s_median": med([c["kill_to_ray_node_dead_s"] for c in ray]),
         "failed_after_detection": sum(c["failed"]["sent_after_detection"] for c in ctl + ray),
         "drain_lost": result["presets"]["controller"].get("drain", {}).get("lost"),
+        "streams_in_flight_on_victim": sum(c["streams"]["in_flight_on_victim"] for c in all_cycles),
+        "streams_broken": sum(c["streams"]["broken"] for c in all_cycles),
+        "client_gap_s_p50": loadgen.percentile(client_gaps, 50),
+        "client_gap_s_p99": loadgen.percentile(client_gaps, 99),
+        "gateway_gap_s_p50": loadgen.percentile(events_gaps, 50),
+        "gateway_gap_s_p99": loadgen.percentile(events_gaps, 99),
+        "tokens_recomputed": sum(c["streams"]["tokens_recomputed"] for c in all_cycles),
     }
     return write_files(result, Path(args.out))
 
