@@ -35,6 +35,7 @@ class Replica:
     continued_away: int = 0   # requests continued elsewhere from here
     stalls: int = 0
     flights: set[Any] = field(default_factory=set)  # the gateway's requests on it now
+    writing: int = 0          # of them, those waiting for their client to take a write
     progress: Progress = field(default_factory=Progress)
 
 

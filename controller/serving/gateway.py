@@ -42,7 +42,8 @@ from aiohttp import web
 from controller.cluster.records import ReplicaStatus
 from controller.engines.engine_metrics import read_counters
 from controller.serving.balancer import Pool, Replica
-from controller.serving.splice import EngineError, EventReader, Splice, why_not_continuable
+from controller.serving.outcomes import CONTINUATION_REASONS, FAILURE_CAUSES
+from controller.serving.splice import DONE, EngineError, EventReader, Splice, why_not_continuable
 from controller.logs import log
 from controller.surface.metrics import Metrics
 
@@ -55,23 +56,27 @@ REPLICA_KEEPALIVE_S = 4.0
 # 2-core machine 4224 chunks were held 0.07 ms at the median, 10 ms at most:
 # beyond that the gateway was preempted, or something holds chunks back).
 SLOW_RELAY_S = 0.010
-# Failures of a replica connection that happen before any response byte: the
-# request never reached an engine that answered, so it is safe to send elsewhere.
-# A connect that times out is a machine that does not answer at all (power loss,
-# partition): marked and retried at once, not waited on.
-NOTHING_RECEIVED = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                    aiohttp.ConnectionTimeoutError)
+# Failures of a replica connection before any response byte. A refused or
+# timed-out connect: the request never reached the replica (a connect that times
+# out is a machine that does not answer at all: power loss, partition), so it is
+# sent elsewhere at once. A connection closed or reset after the request went out:
+# the engine may have died of it, so it counts as a failure under that replica
+# (the query-of-death rule) before it is sent elsewhere.
+NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+NOTHING_RECEIVED = (*NOT_CONNECTED, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # A loopback or LAN connect takes well under a millisecond; a live machine's kernel
 # answers a SYN at once, however busy its processes are.
 CONNECT_TIMEOUT_S = 1.0
 # A request that failed under this many replicas is not sent to another: it may be
 # what brings them down (a query of death).
 QUERY_OF_DEATH_FAILURES = 2
-# The stall watch: how often it looks, how long it waits between two readings of a
-# suspect's counters, and how long one reading may take.
+# The stall watch: how often it looks, how long at least it waits between two
+# readings of a suspect's counters (longer when the replica's own gaps are), and how
+# long one reading may take. (Shorter than the supervisor's reading: here a frozen
+# machine must be told within seconds; the counters are confirmation, not the sign.)
 STALL_WATCH_S = 0.25
 STALL_CONFIRM_S = 0.5
-COUNTERS_TIMEOUT_S = 1.0
+STALL_COUNTERS_TIMEOUT_S = 1.0
 # A stalled replica answers a one-token request within this before it is cleared.
 STALL_CLEAR_PROBE_S = 2.0
 
@@ -126,7 +131,7 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._watch: asyncio.Task | None = None
         self._stall_watch: asyncio.Task | None = None
-        self._confirming: set[str] = set()
+        self._checks: dict[str, asyncio.Task] = {}  # replica id -> its stall confirmation or clearing probe
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -161,7 +166,7 @@ class Gateway:
         log.info("gateway_listening", host=self.host, port=self.port, api_key=bool(self._api_key))
 
     async def stop(self) -> None:
-        for task in (self._watch, self._stall_watch):
+        for task in (self._watch, self._stall_watch, *self._checks.values()):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -248,15 +253,24 @@ class Gateway:
             await asyncio.sleep(self.liveness_interval)
             if self.draining:
                 continue  # the engines are being stopped on purpose: not a failure to report
-            await asyncio.gather(*(self._check_replica(r) for r in list(self.pool.replicas.values())
-                                   if r.ready and not r.retiring))
+            replicas = [r for r in list(self.pool.replicas.values()) if r.ready and not r.retiring]
+            for r in replicas:
+                if r.stalled:  # its probe may take seconds: apart, not holding up the others' watch
+                    self._check_apart(r, self._check_stalled)
+            await asyncio.gather(*(self._check_replica(r) for r in replicas if not r.stalled))
+
+    def _check_apart(self, r: Replica, check: Callable[[Replica], Any]) -> None:
+        """Run one check of this replica in its own task, unless one runs already."""
+        if r.replica_id not in self._checks:
+            task = asyncio.get_running_loop().create_task(check(r))
+            self._checks[r.replica_id] = task
+            task.add_done_callback(lambda _: self._checks.pop(r.replica_id, None))
 
     async def _check_replica(self, r: Replica) -> None:
-        if r.stalled:
-            await self._check_stalled(r)
-            return
         try:
-            async with self._session.get(r.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            # The connect bounded as a request's is: a machine that drops SYNs is marked.
+            timeout = aiohttp.ClientTimeout(total=2, sock_connect=CONNECT_TIMEOUT_S)
+            async with self._session.get(r.url + "/health", timeout=timeout) as resp:
                 healthy = resp.status == 200
         except NOTHING_RECEIVED as exc:
             self._mark(r, f"health check: {type(exc).__name__}: {exc}"[:300])
@@ -287,46 +301,51 @@ class Gateway:
 
     async def _watch_stalls(self) -> None:
         """Every replica's token progress, four times a second: a silent one is
-        suspected, then confirmed or not from its engine's own counters."""
+        suspected, then confirmed or not from its engine's own counters. A replica
+        marked for another reason is watched too: requests may still hang on it."""
         while True:
             await asyncio.sleep(STALL_WATCH_S)
             now = time.perf_counter()
             for r in list(self.pool.replicas.values()):
-                if (r.unhealthy is None and r.replica_id not in self._confirming
-                        and r.progress.suspicious(now, r.in_flight)):
-                    self._confirming.add(r.replica_id)
-                    asyncio.get_running_loop().create_task(self._confirm_stall(r))
+                if not r.stalled and not r.writing and r.progress.suspicious(now, len(r.flights)):
+                    self._check_apart(r, self._confirm_stall)
 
     async def _confirm_stall(self, r: Replica) -> None:
-        """Two readings of the engine's token counters, STALL_CONFIRM_S apart: moving,
-        the engine works (the gateway's view lagged); still, or no answer at all (a
-        frozen machine), the replica is stalled and its requests move elsewhere."""
+        """Two readings of the engine's token counters, a confirmation window apart.
+        Moving: the engine works (the gateway's view lagged). Still while a request
+        on it was mid-answer, or no answer at all (a frozen machine): the replica is
+        stalled, and its requests move elsewhere. Still while every request on it
+        awaits its first token proves nothing: vLLM counts a prompt's tokens only
+        once its prefill ends."""
         silent = r.progress.silent_for(time.perf_counter())
+        window = max(STALL_CONFIRM_S, r.progress.longest_gap())
         try:
-            try:
-                before = await read_counters(self._session, r.url, COUNTERS_TIMEOUT_S)
-                await asyncio.sleep(STALL_CONFIRM_S)
-                after = await read_counters(self._session, r.url, COUNTERS_TIMEOUT_S)
-                evidence = None if after.advanced_since(before) else (
-                    f"its engine's token counters did not move in {STALL_CONFIRM_S:g}s "
-                    f"({after.running:g} requests running)")
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                evidence = f"its engine's metrics do not answer ({type(exc).__name__})"
-            now = time.perf_counter()
-            if evidence is None or not r.progress.suspicious(now, r.in_flight) or self.pool.replicas.get(
-                    r.replica_id) is not r:
-                if evidence is None:
-                    r.progress.busy(now)  # it works: silence counts afresh
-                    self.counts["stall_suspicions_cleared"] += 1
-                return
-            r.stalls += 1
-            self.stalls += 1
-            self._mark(r, f"no token for {silent:.1f}s with {r.in_flight} requests in flight "
-                          f"(deadline {r.progress.deadline():.1f}s); {evidence}", stalled=True)
-            moved = self.evacuate(r.replica_id, "stall")
-            log.warning("replica_stalled", replica_id=r.replica_id, silent_s=round(silent, 2), moved=moved)
-        finally:
-            self._confirming.discard(r.replica_id)
+            before = await read_counters(self._session, r.url, STALL_COUNTERS_TIMEOUT_S)
+            await asyncio.sleep(window)
+            after = await read_counters(self._session, r.url, STALL_COUNTERS_TIMEOUT_S)
+            mid_answer = any(f.last_token is not None for f in r.flights)
+            evidence = None if after.advanced_since(before) or not mid_answer else (
+                f"its engine's token counters did not move in {window:.1f}s ({after.running:g} requests running)")
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            evidence = f"its engine's metrics do not answer ({type(exc).__name__})"
+        except (aiohttp.ClientError, ValueError) as exc:  # no counters to read: nothing proven
+            log.info("stall_unconfirmed", replica_id=r.replica_id, error=f"{type(exc).__name__}")
+            evidence = None
+        now = time.perf_counter()
+        if evidence is None or not r.progress.suspicious(now, len(r.flights)) or r.writing or \
+                self.pool.replicas.get(r.replica_id) is not r:
+            if evidence is None:
+                r.progress.busy(now)  # it works, or cannot be judged: silence counts afresh
+                self.counts["stall_suspicions_cleared"] += 1
+            return
+        r.stalls += 1
+        self.stalls += 1
+        reason = (f"no token for {silent:.1f}s with {len(r.flights)} requests in flight "
+                  f"(deadline {r.progress.deadline():.1f}s); {evidence}")
+        self._mark(r, reason, stalled=True)
+        r.stalled = True  # also when it was marked already, for another reason
+        moved = self.evacuate(r.replica_id, "stall")
+        log.warning("replica_stalled", replica_id=r.replica_id, silent_s=round(silent, 2), moved=moved)
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -427,7 +446,7 @@ class Gateway:
             replica, attempts, tokens = None, 0, None
             if "response" in streaming:  # too late for a status code: end the stream with an error event
                 response = streaming["response"]
-                await _write_quietly(response, sse_error(message, "timeout"))
+                await _write_quietly(response, sse_error(message, "timeout") + DONE)
             else:
                 response = error_response(504, message, "server_error", "timeout")
         except asyncio.CancelledError:
@@ -533,9 +552,13 @@ class Gateway:
             if outcome is None:
                 continue  # refused before the request reached it: marked, tried elsewhere
             cut = outcome
+            if cut.reason == "rejected":  # the engine refused the continuation itself: no replica's fault
+                return await self._fail(request, splice, streaming, "not_continuable",
+                                        "the engine refused the continuation", cut), replica.replica_id, attempts, \
+                    len(splice.generated)
             if cut.reason == "disconnect":
                 self._mark(replica, f"failed mid-answer: {cut.detail}"[:300])
-            if cut.reason != "drain":
+            if cut.reason == "disconnect" or (cut.reason == "stall" and cut.had_tokens):
                 failed_on.append(replica.replica_id)
             if splice.finished():  # the answer was whole: only its end was missing
                 return await self._close(request, splice, streaming, replica), replica.replica_id, attempts, \
@@ -546,6 +569,7 @@ class Gateway:
                 return await self._fail(request, splice, streaming, cause, text, cut), replica.replica_id, \
                     attempts, len(splice.generated)
             replica.continued_away += 1
+            assert cut.reason in CONTINUATION_REASONS, cut.reason
             self.continuations[cut.reason] += 1
             streaming["continued"] = streaming.get("continued", 0) + 1
 
@@ -568,13 +592,17 @@ class Gateway:
         answer is complete, None when the replica refused the connection (nothing was
         sent), or the Cut that ended the leg early."""
         replica = flight.replica
+        # The prefill allowance: a continuation's prompt is token ids (about 4 bytes of JSON each).
+        replica.progress.sent(id(flight), 4 * len(body["prompt"]) if flight.cut else request.content_length or 0)
         # A task of its own, so that a stall can end the leg before its response begins.
         post = flight.connecting = asyncio.ensure_future(self._session.post(replica.url + route, json=body))
         try:
             upstream = await post
-        except NOTHING_RECEIVED as exc:
+        except NOT_CONNECTED as exc:
             self._refused(replica, exc)
             return None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            return flight.end(flight.cut_reason or "disconnect", f"{type(exc).__name__} before the response")
         except asyncio.CancelledError:
             if post.done() and not post.cancelled() and post.exception() is None:
                 post.result().close()  # its response came just as the leg was cancelled
@@ -584,8 +612,6 @@ class Gateway:
         flight.upstream = upstream
         if flight.cut_reason is not None:  # cut as its response arrived
             upstream.close()
-        replica.progress.sent(id(flight), len(body.get("prompt") or "") * 4 if flight.cut else
-                              request.content_length or 0)
         try:
             if upstream.status != 200 or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 return await self._not_a_stream(request, upstream, flight, splice, streaming)
@@ -602,7 +628,10 @@ class Gateway:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return flight.end(flight.cut_reason or "disconnect", f"{type(exc).__name__}")
         if flight.cut is not None or "response" in streaming:
-            return flight.end("disconnect", f"the continuation was refused: {upstream.status} {data[:200]!r}")
+            # (Not the engine's words: they may quote the request.) A 4xx is this
+            # request's own fault, not the replica's.
+            return flight.end("rejected" if upstream.status < 500 else "disconnect",
+                              f"the continuation was answered {upstream.status}")
         headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
                    "X-Replica-Id": flight.replica.replica_id}
         return web.Response(status=upstream.status, body=data, headers=headers)
@@ -621,24 +650,29 @@ class Gateway:
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 return flight.end(flight.cut_reason or "disconnect", f"{type(exc).__name__}")
             read_at = time.perf_counter()
-            had = len(splice.generated)
+            had = splice.chunks
             try:
                 out = b"".join([splice.on_event(e) for e in reader.feed(chunk)])
             except EngineError as exc:
                 return flight.end("disconnect", f"the engine failed: {exc}")
             except ValueError as exc:  # not JSON: not an engine we can read
                 return flight.end("disconnect", f"unreadable event: {exc}"[:200])
-            if len(splice.generated) != had:
+            if splice.chunks != had:
                 flight.progressed(read_at)
             if out:
                 response = streaming.get("response") or await self._open_stream(request, replica, streaming)
+                replica.writing += 1  # a client slow to read holds the reads: not the replica's silence
                 try:
                     await response.write(out)
                 except ConnectionResetError:
                     # The client left; release() closes the replica's stream. Not the replica's fault.
                     self.counts["clients_gone"] += 1
                     return response
+                finally:
+                    replica.writing -= 1
                 written_at = time.perf_counter()
+                if written_at - read_at > SLOW_RELAY_S:
+                    flight.skip_gap = True  # the next gap is the client's, not the replica's
                 relay.add(read_at, written_at)
                 streaming.setdefault("first_chunk_at", written_at)
                 flight.wrote(written_at)
@@ -685,13 +719,14 @@ class Gateway:
                     message: str, cut: "Cut | None") -> web.StreamResponse:
         """The request ends with an error: an error event in a stream already under
         way, else a 502 (a replica took it and failed)."""
+        assert cause in FAILURE_CAUSES, cause
         self.failed[cause] += 1
         self.counts["streams_broken"] += 1
         if cut is not None:
             message = f"{cut.replica_id} failed mid-answer ({cut.reason}: {cut.detail}); {message}"
         log.warning("request_failed", request_id=streaming.get("request_id"), cause=cause, reason=message)
         if "response" in streaming:  # ended as vLLM ends a stream after its own error event
-            await _write_quietly(streaming["response"], sse_error(message, "replica_failed") + b"data: [DONE]\n\n")
+            await _write_quietly(streaming["response"], sse_error(message, "replica_failed") + DONE)
             return streaming["response"]
         return error_response(502, message, "server_error", "replica_failed")
 
@@ -715,17 +750,18 @@ class Cut:
     """Why and when a leg of an answer ended early."""
 
     replica_id: str
-    reason: str          # disconnect, stall or drain: what llmctl_continuations_total counts
+    reason: str          # disconnect, stall or drain (CONTINUATION_REASONS), or rejected
     detail: str
     at: float            # perf_counter
     last_write: float | None  # the client's last byte before it
+    had_tokens: bool     # the replica had made tokens of this leg before it ended
 
 
 class Flight:
     """One request's stay on one replica: what the stall watch and a drain see of it."""
 
     __slots__ = ("replica", "cut", "streaming", "request_id", "replayed", "connecting", "upstream", "cut_reason",
-                 "last_token", "continuation_logged", "_landed")
+                 "last_token", "skip_gap", "continuation_logged", "_landed")
 
     def __init__(self, replica: Replica, cut: Cut | None, streaming: dict[str, Any], request_id: str,
                  replayed: int) -> None:
@@ -737,7 +773,8 @@ class Flight:
         self.connecting: asyncio.Future | None = None  # the request, until its response begins
         self.upstream: aiohttp.ClientResponse | None = None
         self.cut_reason: str | None = None  # set by the gateway when it ends this leg (stall, drain)
-        self.last_token: float | None = None
+        self.last_token: float | None = None  # this leg's last progress (None: none yet)
+        self.skip_gap = False  # the gap to the next progress is not the replica's to learn
         self.continuation_logged = cut is None
         self._landed = False
         replica.in_flight += 1
@@ -746,8 +783,8 @@ class Flight:
             replica.progress.busy(time.perf_counter())
 
     def progressed(self, now: float) -> None:
-        gap = None if self.last_token is None else now - self.last_token
-        self.last_token = now
+        gap = None if self.last_token is None or self.skip_gap else now - self.last_token
+        self.last_token, self.skip_gap = now, False
         self.replica.progress.token(id(self), now, gap)
 
     def wrote(self, now: float) -> None:
@@ -758,7 +795,8 @@ class Flight:
     def end(self, reason: str, detail: str) -> Cut:
         if not self.continuation_logged:
             self._log_continued(None)
-        return Cut(self.replica.replica_id, reason, detail, time.perf_counter(), self.streaming.get("last_write"))
+        return Cut(self.replica.replica_id, reason, detail, time.perf_counter(), self.streaming.get("last_write"),
+                   self.last_token is not None)
 
     def interrupt(self, reason: str) -> bool:
         """End this leg now (the replica stalled or must stop): its answer continues elsewhere."""

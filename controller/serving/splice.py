@@ -39,10 +39,18 @@ _TOKEN_IDS = re.compile(rb'"(prompt_)?token_ids":\[[0-9, ]*\]')
 _CHAT_SAMPLING = ("model", "temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty",
                   "presence_penalty", "repetition_penalty", "length_penalty", "stop_token_ids", "ignore_eos",
                   "logit_bias", "allowed_token_ids", "bad_words", "skip_special_tokens",
-                  "spaces_between_special_tokens", "user", "priority", "truncate_prompt_tokens")
+                  "spaces_between_special_tokens", "user", "priority", "cache_salt", "return_tokens_as_token_ids",
+                  "vllm_xargs")
 # What a completions continuation must not take over from the first request.
+# (truncate_prompt_tokens: it would cut the prompt plus the tokens made, not the prompt.)
 _NOT_CARRIED = ("prompt", "max_tokens", "min_tokens", "stream", "stream_options", "return_token_ids", "n",
-                "echo", "suffix")
+                "echo", "suffix", "truncate_prompt_tokens")
+# A stream without an event end this long is not an engine's: the gateway stops reading it.
+MAX_EVENT_BYTES = 8 * 2**20
+
+
+_FIELD_TYPES = (("stream_options", dict), ("response_format", dict), ("messages", list), ("max_tokens", int),
+                ("max_completion_tokens", int), ("min_tokens", int), ("n", int), ("stop", (str, list)))
 
 
 def why_not_continuable(route: str, body: dict[str, Any]) -> str | None:
@@ -53,6 +61,10 @@ def why_not_continuable(route: str, body: dict[str, Any]) -> str | None:
     """
     if route not in (CHAT_ROUTE, COMPLETIONS_ROUTE):
         return "not a generation route"
+    if any(key in body and not isinstance(body[key], kind) for key, kind in _FIELD_TYPES):
+        return "it has fields of unexpected types (the engine answers them)"
+    if body.get("truncate_prompt_tokens") is not None:
+        return "it truncates its prompt (a continuation's prompt holds the tokens made too)"
     if (body.get("n") or 1) != 1 or (body.get("best_of") or 1) != 1 or body.get("use_beam_search"):
         return "it asks for several choices (n, best_of or beam search)"
     if any(key.startswith("guided_") and body[key] not in (None, False, "") for key in body) \
@@ -70,6 +82,10 @@ def why_not_continuable(route: str, body: dict[str, Any]) -> str | None:
         prompt = body.get("prompt")
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))):
             return "its prompt is not one prompt (a batch)"
+    if route == CHAT_ROUTE and any(isinstance(m, dict) and isinstance(m.get("content"), list) and any(
+            isinstance(p, dict) and p.get("type") not in (None, "text") for p in m["content"])
+            for m in body.get("messages") or []):
+        return "it has images or audio (their tokens cannot be replayed without them)"
     if route == CHAT_ROUTE and body.get("logprobs") and body.get("top_logprobs"):
         # A completion's top_logprobs is a map keyed by the token's text: two tokens
         # of the same text are one entry there and two in a chat answer.
@@ -92,6 +108,7 @@ class Splice:
     # The generated tokens when the current leg began (its own counts start at 0).
     leg_base: int = 0
     text_chars: int = 0
+    chunks: int = 0  # choices the engines sent: progress, whatever they carry
     # The last clean cut: tokens, text and logprob-token characters up to the last
     # chunk of one token with text. A token that ends inside a UTF-8 character
     # comes with no text (vLLM holds its bytes back); a continuation from there
@@ -121,6 +138,10 @@ class Splice:
         self.chat = self.route == CHAT_ROUTE
         self.client_streams = bool(self.body.get("stream"))
         self.client_ids = bool(self.body.get("return_token_ids"))
+        # At temperature 0 the tokens past a clean cut come again the same: a
+        # continuation may start there. A sampled answer must go on from every token
+        # the client has (a partial UTF-8 character at the seam is the lesser harm).
+        self.greedy = self.body.get("temperature") == 0
         options = self.body.get("stream_options") or {}
         self.client_usage = bool(options.get("include_usage")) if self.client_streams else True
         self.max_tokens = self.body.get("max_completion_tokens") if self.chat else None
@@ -162,7 +183,10 @@ class Splice:
         return body
 
     def can_continue(self) -> str | None:
-        """Why this answer cannot be continued now (None: it can)."""
+        """Why this answer cannot be continued now (None: it can). One of which the
+        client has nothing yet can always be sent again from the start."""
+        if self.identity is None:
+            return None
         if self.not_continuable:
             return self.not_continuable
         if self.identity is not None and self.prompt_ids is None:
@@ -211,7 +235,8 @@ class Splice:
             error = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}
             code = error.get("code")
             if isinstance(code, int) and code >= 500 or error.get("type") in ("InternalServerError", "EngineDeadError"):
-                raise EngineError(str(error.get("message"))[:300])
+                # Its message may quote the request: the type and code say enough.
+                raise EngineError(f"{error.get('type') or 'error'} {code if code is not None else ''}".strip())
             self.engine_error = error
             self.done = True
             return b"data: " + payload + b"\n\n" if self.client_streams else b""
@@ -289,12 +314,13 @@ class Splice:
         return b"data: " + json.dumps(out, separators=(",", ":")).encode() + b"\n\n"
 
     def _take(self, choice: dict[str, Any], text: str | None, logprobs: Any) -> None:
+        self.chunks += 1
         ids = choice.get("token_ids") or []
         self.generated.extend(ids)
         self.text_chars += len(text or "")
         if logprobs is not None and not self.chat:
             self.token_chars += sum(len(t) for t in logprobs.get("tokens") or [])
-        if len(ids) == 1 and text:
+        if ids and (text or not self.greedy) and (len(ids) == 1 or not self.greedy):
             self.clean, self.clean_chars, self.clean_token_chars = len(self.generated), self.text_chars, \
                 self.token_chars
         if choice.get("finish_reason") is not None:
@@ -392,6 +418,8 @@ class EventReader:
     def feed(self, data: bytes) -> list[bytes]:
         buffer = self._buffer + data
         if b"\n\n" not in buffer:
+            if len(buffer) > MAX_EVENT_BYTES:
+                raise ValueError(f"no event end in {len(buffer)} bytes")
             self._buffer = buffer
             return []
         *events, self._buffer = buffer.split(b"\n\n")

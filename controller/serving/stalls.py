@@ -6,8 +6,10 @@ them made progress for longer than a deadline learned from the replica's own
 recent inter-token gaps (a multiple of the longest of them, never under a
 floor), plus an allowance for prefill that grows with the longest prompt still
 waiting for its first token. A suspicion is only that: the gateway confirms it
-from the engine's own counters before it calls the replica stalled (a busy
-engine's counters move; the gateway's own event loop may be the slow one).
+from the engine's own counters before it calls the replica stalled (a decoding
+engine's counters move; the gateway's own event loop may be the slow one; a
+replica whose requests all still await their first token may be in a long
+prefill, which vLLM counts only at its end).
 
 Plain Python: no I/O, times passed in.
 """
@@ -55,9 +57,12 @@ class Progress:
     def ended(self, flight: int) -> None:
         self.waiting.pop(flight, None)
 
+    def longest_gap(self) -> float:
+        return max(self.gaps) if self.gaps else 0.0
+
     def deadline(self) -> float:
         """How long this replica may stay silent with requests in flight."""
-        learned = GAP_FACTOR * max(self.gaps) if self.gaps else 0.0
+        learned = GAP_FACTOR * self.longest_gap()
         prefill = PREFILL_S_PER_KIB * max(self.waiting.values()) / 1024 if self.waiting else 0.0
         return max(STALL_FLOOR_S, learned) + prefill
 

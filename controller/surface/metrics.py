@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controller.cluster.records import MemberState
+from controller.serving.outcomes import CONTINUATION_REASONS, FAILURE_CAUSES
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The lifecycle states, and LOST: a member whose node died, as the coordinator marks it.
@@ -35,10 +36,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 RETRY_OPERATIONS = ("worker_join", "engine_restart", "gateway_request")
-# Why an answer was continued on another replica, and why the gateway failed a request.
-CONTINUATION_REASONS = ("disconnect", "stall", "drain")
-FAILURE_CAUSES = ("unavailable", "not_continuable", "query_of_death", "continuations_exhausted", "no_replica",
-                  "timeout")
 
 
 class ClusterFacts:

@@ -122,6 +122,7 @@ class FakeEngine:
         self.generation_tokens = 0
         self.prompt_tokens = 0
         self.running = 0
+        self.frozen = False  # a frozen machine: its /metrics does not answer either
         self.url = ""
         self.runner: web.AppRunner | None = None
 
@@ -142,6 +143,8 @@ class FakeEngine:
         return web.Response()
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if self.frozen:
+            await self.cluster.release.wait()
         labels = f'{{engine="0",model_name="{MODEL}"}}'
         text = (f"# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
                 f"# TYPE vllm:generation_tokens_total counter\n"
@@ -176,7 +179,8 @@ class FakeEngine:
                  "object": "chat.completion.chunk" if chat else "text_completion",
                  "created": int(time.time()), "model": MODEL}
         self.prompt_tokens += len(ids)
-        if fault is not None and fault.kind == "hang_before_headers":
+        if fault is not None and fault.kind in ("hang_before_headers", "freeze_before_headers"):
+            self.frozen = fault.kind == "freeze_before_headers"
             await self.cluster.release.wait()
             raise ConnectionResetError
         generated: list[list[int]] = [[] for _ in range(n)]
@@ -678,8 +682,9 @@ async def test_a_slow_replica_whose_engine_makes_tokens_is_not_marked_stalled(cl
 
 
 async def test_a_stall_before_the_response_starts_moves_the_request(cluster):
-    # A frozen engine (SIGSTOPped, or its machine frozen) takes the connection and never answers.
-    cluster.plan = first_request_breaks("hang_before_headers", 0)
+    # A frozen machine takes the connection (its kernel does) and never answers, its
+    # /metrics neither.
+    cluster.plan = first_request_breaks("freeze_before_headers", 0)
     await cluster.add("r0", token_delay=0.01)
     await cluster.add("r1", token_delay=0.01)
     body, prompt_ids = request_body(COMPLETIONS, "frozen", 8, usage=True)
@@ -692,6 +697,22 @@ async def test_a_stall_before_the_response_starts_moves_the_request(cluster):
         # Nothing had reached the client: the request itself goes to the other replica.
         assert len(cluster.seen) == 2 and cluster.seen[1][0] != frozen and cluster.seen[1][2] == cluster.seen[0][2]
         assert dict(gw.continuations) == {"stall": 1} and not gw.failed
+
+
+async def test_a_first_token_slower_than_the_deadline_is_not_called_a_stall(cluster):
+    """Before its first token a request may be in a long prefill, which vLLM's
+    counters show only at its end: still counters do not prove a stall then."""
+    cluster.plan = first_request_breaks("hang_before_headers", 0)
+    await cluster.add("r0", token_delay=0.01)
+    await cluster.add("r1", token_delay=0.01)
+    body, _ = request_body(COMPLETIONS, "long prefill", 8, usage=True)
+    async with gateway(cluster) as gw:
+        task = asyncio.create_task(ask(gw, COMPLETIONS, body, timeout=10.0))
+        await asyncio.sleep(3.0)  # past the 1 s floor and a confirmation, several times
+        assert gw.stalls == 0 and not gw.continuations and gw.counts["stall_suspicions_cleared"] >= 1
+        assert not task.done()  # still waiting for its first token, on its replica
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 # -- 8: drain --------------------------------------------------------------------------------------
