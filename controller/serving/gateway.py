@@ -311,26 +311,29 @@ class Gateway:
                     self._check_apart(r, self._confirm_stall)
 
     async def _confirm_stall(self, r: Replica) -> None:
-        """Two readings of the engine's token counters, a confirmation window apart.
-        Moving: the engine works (the gateway's view lagged). Still while a request
-        on it was mid-answer, or no answer at all (a frozen machine): the replica is
-        stalled, and its requests move elsewhere. Still while every request on it
-        awaits its first token proves nothing: vLLM counts a prompt's tokens only
-        once its prefill ends."""
+        """Two readings of the engine's token counters, a confirmation window apart,
+        judged only while a request on the replica was mid-answer. Counters moving:
+        the engine works (the gateway's view lagged). Still, or no answer at all (a
+        frozen machine): the replica is stalled, and its requests move elsewhere.
+        While every request on it still awaits its first token nothing is proven:
+        vLLM counts a prompt only once its prefill ends, and an engine just started
+        under a burst may answer /metrics slowly (seen here: a false stall)."""
         silent = r.progress.silent_for(time.perf_counter())
         window = max(STALL_CONFIRM_S, r.progress.longest_gap())
-        try:
-            before = await read_counters(self._session, r.url, STALL_COUNTERS_TIMEOUT_S)
-            await asyncio.sleep(window)
-            after = await read_counters(self._session, r.url, STALL_COUNTERS_TIMEOUT_S)
-            mid_answer = any(f.last_token is not None for f in r.flights)
-            evidence = None if after.advanced_since(before) or not mid_answer else (
-                f"its engine's token counters did not move in {window:.1f}s ({after.running:g} requests running)")
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-            evidence = f"its engine's metrics do not answer ({type(exc).__name__})"
-        except (aiohttp.ClientError, ValueError) as exc:  # no counters to read: nothing proven
-            log.info("stall_unconfirmed", replica_id=r.replica_id, error=f"{type(exc).__name__}")
+        if not any(f.last_token is not None for f in r.flights):
             evidence = None
+        else:
+            try:
+                before = await read_counters(self._session, r.url, STALL_COUNTERS_TIMEOUT_S)
+                await asyncio.sleep(window)
+                after = await read_counters(self._session, r.url, STALL_COUNTERS_TIMEOUT_S)
+                evidence = None if after.advanced_since(before) else (
+                    f"its engine's token counters did not move in {window:.1f}s ({after.running:g} requests running)")
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                evidence = f"its engine's metrics do not answer ({type(exc).__name__})"
+            except (aiohttp.ClientError, ValueError) as exc:  # no counters to read: nothing proven
+                log.info("stall_unconfirmed", replica_id=r.replica_id, error=f"{type(exc).__name__}")
+                evidence = None
         now = time.perf_counter()
         if evidence is None or not r.progress.suspicious(now, len(r.flights)) or r.writing or \
                 self.pool.replicas.get(r.replica_id) is not r:
@@ -593,7 +596,8 @@ class Gateway:
         sent), or the Cut that ended the leg early."""
         replica = flight.replica
         # The prefill allowance: a continuation's prompt is token ids (about 4 bytes of JSON each).
-        replica.progress.sent(id(flight), 4 * len(body["prompt"]) if flight.cut else request.content_length or 0)
+        prompt = body.get("prompt")
+        replica.progress.sent(id(flight), 4 * len(prompt) if isinstance(prompt, list) else request.content_length or 0)
         # A task of its own, so that a stall can end the leg before its response begins.
         post = flight.connecting = asyncio.ensure_future(self._session.post(replica.url + route, json=body))
         try:
