@@ -65,8 +65,13 @@ SLOW_RELAY_S = 0.010
 NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 NOTHING_RECEIVED = (*NOT_CONNECTED, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # A loopback or LAN connect takes well under a millisecond; a live machine's kernel
-# answers a SYN at once, however busy its processes are.
-CONNECT_TIMEOUT_S = 1.0
+# answers a SYN at once, however busy its processes are. But this process's own
+# event loop may stall (over a second seen on a loaded 2-core head), and a timer
+# that fires late fires wrongly: 2 s leaves room for that.
+CONNECT_TIMEOUT_S = 2.0
+# How long a request waits for a marked, still READY replica to be cleared when
+# it has no other (rather than a 503 at once).
+MARKED_WAIT_S = 5.0
 # A request that failed under this many replicas is not sent to another: it may be
 # what brings them down (a query of death).
 QUERY_OF_DEATH_FAILURES = 2
@@ -740,13 +745,32 @@ class Gateway:
         self._mark(replica, f"{type(exc).__name__}: {exc}"[:300])
 
     async def _acquire(self, tried: set[str]) -> Replica | None:
-        """The replica for the next attempt; waits (queues) while every one is at its limit."""
+        """The replica for the next attempt; waits (queues) while every one is at its
+        limit, and for up to MARKED_WAIT_S while every one it may use is marked but
+        still READY by its supervisor's word (a mark the /health watch may clear
+        within a second: a busy head's own event loop has been seen to stall long
+        enough to time out a good connect)."""
+        loop = asyncio.get_running_loop()
+        marked_until = None
         while True:
             replica = self.pool.pick(exclude=tried)
-            if replica is not None or not self.pool.has_capacity_somewhere(exclude=tried):
+            if replica is not None:
                 return replica
-            self.counts["queued"] += 1
-            await self._changed.wait()
+            if self.pool.has_capacity_somewhere(exclude=tried):
+                self.counts["queued"] += 1
+                await self._changed.wait()
+                continue
+            if self.draining or not any(r.ready and not r.retiring and r.replica_id not in tried
+                                        for r in self.pool.marked()):
+                return None
+            marked_until = marked_until or loop.time() + MARKED_WAIT_S
+            if loop.time() >= marked_until:
+                return None
+            self.counts["waited_for_marked"] += 1
+            try:
+                await asyncio.wait_for(self._changed.wait(), marked_until - loop.time())
+            except asyncio.TimeoutError:
+                return None
 
 
 @dataclass

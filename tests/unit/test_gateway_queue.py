@@ -72,3 +72,20 @@ async def test_an_idle_replica_that_stops_answering_is_marked_within_an_interval
     finally:
         await gw.stop()
         await runner.cleanup()
+
+
+async def test_a_request_waits_for_a_marked_but_ready_replica_to_clear_rather_than_get_a_503():
+    gw = Gateway("127.0.0.1", 0)
+    gw.update_replicas([ReplicaStatus("r0", None, "http://10.0.0.1:8000", ReplicaState("READY"))])
+    gw.pool.mark_unhealthy("r0", "ConnectionTimeoutError (the head's own loop was late)")
+    waiter = asyncio.create_task(gw._acquire(set()))
+    await asyncio.sleep(0.1)
+    assert not waiter.done() and gw.counts["waited_for_marked"] >= 1
+    gw.pool.clear("r0")  # the /health watch finds it answering
+    gw._notify()
+    assert (await asyncio.wait_for(waiter, 1)).replica_id == "r0"
+    # A replica it already tried, or no READY one at all, is not waited for.
+    gw.pool.mark_unhealthy("r0", "reset")
+    assert await asyncio.wait_for(gw._acquire({"r0"}), 1) is None
+    gw.update_replicas([ReplicaStatus("r0", None, "http://10.0.0.1:8000", ReplicaState("RESTARTING"))])
+    assert await asyncio.wait_for(gw._acquire(set()), 1) is None
