@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import signal
 import statistics
 import sys
@@ -151,7 +152,9 @@ async def one_round(c: BenchCluster, args: argparse.Namespace, kind: str, n: int
         took = "-" if t_degraded is None else f"{t_degraded - t_stop:.2f}s"
         print(f"  [{kind} {n}] SIGSTOP {len(pids)} process(es) of {replica['replica_id']}: DEGRADED after {took}; "
               f"SIGCONT at {t_cont - t_stop:.1f}s ({len(alive)} still there)", flush=True)
-        t_serving = await timeline.wait(t_cont, SERVING_TIMEOUT_S, state="SERVING")
+        # A stall never seen leaves the cluster SERVING: nothing to wait for.
+        t_serving = t_cont if state_at(timeline, t_cont) == "SERVING" else \
+            await timeline.wait(t_cont, SERVING_TIMEOUT_S, state="SERVING")
         await asyncio.sleep(args.steady)
         samples = await load.finish()
     finally:
@@ -194,6 +197,12 @@ async def one_round(c: BenchCluster, args: argparse.Namespace, kind: str, n: int
     return result
 
 
+def state_at(timeline: Timeline, t: float) -> str | None:
+    """The cluster's state on /status at `t` (the last change at or before it)."""
+    states = [st for at, st, _ in timeline.changes if at <= t]
+    return states[-1] if states else None
+
+
 def sent_at_json(s: dict[str, Any]) -> float:
     return s["planned"] + s["send_lag"]
 
@@ -224,8 +233,12 @@ def rounds_run(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def median(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(statistics.median(values), 3) if values else None
+    """The median, a stall never seen (None) counted as longer than any seen one;
+    None when that is the median."""
+    if not values:
+        return None
+    m = statistics.median([math.inf if v is None else v for v in values])
+    return None if math.isinf(m) else round(m, 3)
 
 
 def summarize(all_rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -271,9 +284,15 @@ def markdown(result: dict[str, Any], plots: list[Path]) -> str:
                "continuations", "gateway gap_ms p50 / max", "stalls marked", "engine restarts",
                "latency after stall p50 / p99 / max ms"], rows)]
     s = result["summary"]
-    md.append(f"\nEngineCore SIGSTOP: median stall→DEGRADED **{s['engine_stall_to_degraded_s_median']} s** over "
-              f"{s['engine_rounds']} rounds ({s['engine_stall_to_degraded_s']}; goal <= 3 s; the generation-probe "
-              f"path took 30 s). Whole-node SIGSTOP: {s['node_freeze_to_degraded_s']} s (goal <= 3 s). Requests "
+    def seen(v: float | None, within: float) -> str:
+        return f"not seen in {within:g} s" if v is None else f"{v:g} s"
+
+    engine_within = max(cfg["hold"], DEGRADED_TIMEOUT_S)
+    md.append(f"\nEngineCore SIGSTOP: median stall→DEGRADED **"
+              f"{seen(s['engine_stall_to_degraded_s_median'], engine_within)}** over {s['engine_rounds']} rounds "
+              f"({', '.join(seen(v, engine_within) for v in s['engine_stall_to_degraded_s'])}; goal <= 3 s; the "
+              f"generation-probe path took 30 s). Whole-node SIGSTOP: "
+              f"{', '.join(seen(v, cfg['node_hold']) for v in s['node_freeze_to_degraded_s'])} (goal <= 3 s). Requests "
               f"sent after a stall that took over {SLOW_S:g} s or failed: **{s['slow_or_failed_after_stall']}** "
               f"(goal 0). Engine restarts: {s['engine_restarts']}.\n")
     for bad in s["rounds_failed"]:

@@ -50,3 +50,16 @@ def test_the_stall_counters_are_read_as_differences():
     after = {"stalls": 2, "continuations": {"stall": 5, "disconnect": 1}, "requests_failed": {}, "engine_restarts": 1}
     assert stall.delta(after, before) == {"stalls": 1, "continuations": {"stall": 3, "disconnect": 1},
                                           "requests_failed": {}, "engine_restarts": 1}
+
+
+def test_a_stall_never_seen_counts_as_longer_than_any_seen_in_the_median():
+    assert stall.median([2.0, None, 2.4]) == 2.4
+    assert stall.median([None, None, 2.4]) is None
+    assert stall.median([]) is None
+
+
+def test_the_state_at_a_moment_is_the_last_change_at_or_before_it():
+    t = failure.Timeline("http://127.0.0.1:1", 0.0)
+    t.changes = [(0.0, "SERVING", 2), (3.0, "DEGRADED", 2), (9.0, "SERVING", 2)]
+    assert [stall.state_at(t, x) for x in (-1.0, 2.0, 3.0, 8.9, 20.0)] == [None, "SERVING", "DEGRADED", "DEGRADED",
+                                                                         "SERVING"]
