@@ -66,13 +66,13 @@ async def answer(session, url: str, route: str, body: dict, started=None) -> dic
                 got["finish"] = c.get("finish_reason") or got["finish"]
                 got["events"] += 1
                 if started is not None and got["events"] == 20:
-                    started.put_nowait(got["replica"])
+                    started.put_nowait((got["replica"], got))
     return got
 
 
 def run_answers(url: str, requests: list[tuple[str, dict]], during=None) -> list[dict]:
     """The requests at once; `during(started)`, when given, runs while they do (its
-    queue gets each stream's replica at its 20th event)."""
+    queue gets each stream's replica and its answer so far at its 20th event)."""
     import asyncio
 
     import aiohttp
@@ -168,7 +168,7 @@ def test_an_engine_that_stalls_under_load_is_marked_and_its_streams_finish_elsew
     seen: dict = {}
 
     async def freeze(started, tasks):
-        while await asyncio.wait_for(started.get(), 120) != victim["replica_id"]:
+        while (await asyncio.wait_for(started.get(), 120))[0] != victim["replica_id"]:
             pass
         seen["t0"] = time.monotonic()
         os.kill(core, signal.SIGSTOP)  # mid-stream: no token comes out of it from here
@@ -298,19 +298,18 @@ def test_lost_node_takes_its_replica_and_a_new_worker_gets_one(engine_cluster, c
         """Once a worker's replica has 3 streams under way, freeze its node (a loaded
         engine may send a whole answer in one burst: only a frozen node shows which
         are still running), and SIGKILL it if 3 still are; else thaw and say so."""
-        counts: dict = {}
+        on: dict = {}  # replica -> the answers under way there
         while True:
-            rid = await asyncio.wait_for(started.get(), 120)
-            counts[rid] = counts.get(rid, 0) + 1
-            if "worker-" in rid and counts[rid] >= 3:
+            rid, got = await asyncio.wait_for(started.get(), 120)
+            on.setdefault(rid, []).append(got)
+            if "worker-" in rid and len(on[rid]) >= 3:
                 break
         victim = next(n for n in s["nodes"] if f"replica-{n['node_id']}" == rid)
         pids = await asyncio.to_thread(tk.node_pids, victim, s["nodes"])
         processes.signal_all(pids, signal.SIGSTOP)
         await asyncio.sleep(0.3)  # what the node sent before the freeze reaches the client
-        running = sum(1 for t, (route, body) in zip(tasks, requests) if body.get("stream") and not t.done())
-        on_victim = counts[rid]  # started there, 20 events in
-        seen.update(victim=victim, t0=time.monotonic(), running=running, started_on_victim=on_victim)
+        running = sum(1 for got in on[rid] if got["finish"] is None)  # on the frozen replica, unfinished
+        seen.update(victim=victim, t0=time.monotonic(), running=running, started_on_victim=len(on[rid]))
         if running < 3:
             processes.signal_all(pids, signal.SIGCONT)
             return
