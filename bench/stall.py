@@ -56,6 +56,7 @@ from controller import processes
 from controller import testing as tk
 
 SLOW_S = 5.0
+AFTER_THAW_S = 3.0  # how long a thawed stall may still take to show as DEGRADED
 DEGRADED_TIMEOUT_S = 60.0
 SERVING_TIMEOUT_S = 600.0
 
@@ -93,7 +94,8 @@ def counters(status: dict[str, Any]) -> dict[str, Any]:
     g = status.get("gateway") or {}
     return {"stalls": g.get("stalls", 0), "continuations": dict(g.get("continuations") or {}),
             "requests_failed": dict(g.get("requests_failed") or {}),
-            "engine_restarts": status.get("retries", {}).get("engine_restart", 0)}
+            "engine_restarts": status.get("retries", {}).get("engine_restart", 0),
+            "stall_suspicions_cleared": (g.get("counts") or {}).get("stall_suspicions_cleared", 0)}
 
 
 def delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +133,7 @@ async def one_round(c: BenchCluster, args: argparse.Namespace, kind: str, n: int
     wall_start = time.time()
     timeline.start()
     load.start()
-    t_degraded = t_serving = t_cont = None
+    t_degraded = t_serving = t_cont = t_late = None
     try:
         await asyncio.sleep(args.steady)
         t_stop = timeline.now()
@@ -147,14 +149,17 @@ async def one_round(c: BenchCluster, args: argparse.Namespace, kind: str, n: int
             alive = {p for p in pids if processes.is_running(p)}
             processes.signal_all(alive, signal.SIGCONT)
             t_cont = timeline.now()
-        if t_degraded is None:  # seen after the thaw, or never
-            t_degraded = timeline.first(t_stop, state="DEGRADED")
         took = "-" if t_degraded is None else f"{t_degraded - t_stop:.2f}s"
         print(f"  [{kind} {n}] SIGSTOP {len(pids)} process(es) of {replica['replica_id']}: DEGRADED after {took}; "
               f"SIGCONT at {t_cont - t_stop:.1f}s ({len(alive)} still there)", flush=True)
-        # A stall never seen leaves the cluster SERVING: nothing to wait for.
-        t_serving = t_cont if state_at(timeline, t_cont) == "SERVING" else \
-            await timeline.wait(t_cont, SERVING_TIMEOUT_S, state="SERVING")
+        # Not seen while stopped: the thaw itself may still fail something (a reset
+        # connection). A stall never seen at all leaves the cluster SERVING.
+        await asyncio.sleep(AFTER_THAW_S)
+        t_late = None if t_degraded is not None else timeline.first(t_stop, state="DEGRADED")
+        if t_degraded is None and t_late is None and state_at(timeline, timeline.now()) == "SERVING":
+            t_serving = t_cont
+        else:
+            t_serving = await timeline.wait(t_degraded or t_late, SERVING_TIMEOUT_S, state="SERVING")
         await asyncio.sleep(args.steady)
         samples = await load.finish()
     finally:
@@ -170,9 +175,11 @@ async def one_round(c: BenchCluster, args: argparse.Namespace, kind: str, n: int
     result = {
         "kind": kind, "round": n, "replica": replica["replica_id"], "node": node["node_id"],
         "signalled_pids": sorted(pids), "hold_s": hold,
-        "marks": {"stall": t_stop, "degraded": t_degraded, "sigcont": t_cont, "serving_again": t_serving},
+        "marks": {"stall": t_stop, "degraded": t_degraded, "sigcont": t_cont, "degraded_after_sigcont": t_late,
+                  "serving_again": t_serving},
         "stall_to_degraded_s": None if t_degraded is None else round(t_degraded - t_stop, 3),
-        "degraded_before_sigcont": t_degraded is not None and t_degraded <= t_cont,
+        "degraded_before_sigcont": t_degraded is not None,
+        "stall_to_degraded_after_sigcont_s": None if t_late is None else round(t_late - t_stop, 3),
         "sigcont_to_serving_s": round(t_serving - t_cont, 3),
         "requests": len(samples),
         "sent_after_stall": sum(1 for s in raw if sent_at_json(s) >= t_stop),
@@ -266,22 +273,26 @@ def markdown(result: dict[str, Any], plots: list[Path]) -> str:
         cont = r["counters"]["continuations"]
         trig = ", ".join(sorted({t["trigger"] for t in lg["degraded_transitions"]})) or "-"
         rows.append([r["kind"], r["round"], len(r["signalled_pids"]),
-                     "-" if r["stall_to_degraded_s"] is None else f"{r['stall_to_degraded_s']:.2f}"
-                     + ("" if r["degraded_before_sigcont"] else " (after SIGCONT)"),
+                     "-" if r["stall_to_degraded_s"] is None else f"{r['stall_to_degraded_s']:.2f}",
+                     "-" if r.get("stall_to_degraded_after_sigcont_s") is None
+                     else f"{r['stall_to_degraded_after_sigcont_s']:.2f}",
                      trig, f"{r['sigcont_to_serving_s']:.1f}", r["sent_after_stall"],
                      r["slow_or_failed_after_stall"], r["failed"],
                      ", ".join(f"{k} {v}" for k, v in sorted(cont.items())) or "0",
                      f"{output.ms(lg['gap_ms']['p50'] and lg['gap_ms']['p50'] / 1000)} / "
                      f"{output.ms(lg['gap_ms']['max'] and lg['gap_ms']['max'] / 1000)}",
-                     r["counters"]["stalls"], r["counters"]["engine_restarts"],
+                     r["counters"]["stalls"], r["counters"].get("stall_suspicions_cleared", "-"),
+                     r["counters"]["engine_restarts"],
                      f"{output.ms(r['latency']['after_stall']['p50'])} / "
                      f"{output.ms(r['latency']['after_stall']['p99'])} / {output.ms(r['latency']['after_stall']['max'])}"])
     md = [f"# A stalled engine and a hung node under load ({cfg['rate']:g} req/s, {cfg['max_tokens']}-token "
           f"streamed completions; engine frozen {cfg['hold']:g} s, node frozen {cfg['node_hold']:g} s)\n\n",
           output.markdown_table(
-              ["stall", "round", "processes stopped", "stall→DEGRADED s", "trigger", "SIGCONT→SERVING s",
+              ["stall", "round", "processes stopped", "stall→DEGRADED s (while stopped)",
+               "stall→DEGRADED s (only after SIGCONT)", "trigger", "SIGCONT→SERVING s",
                "sent after stall", f"of which >{SLOW_S:g} s or failed (goal 0)", "failed (all)",
-               "continuations", "gateway gap_ms p50 / max", "stalls marked", "engine restarts",
+               "continuations", "gateway gap_ms p50 / max", "stalls marked", "stall suspicions cleared",
+               "engine restarts",
                "latency after stall p50 / p99 / max ms"], rows)]
     s = result["summary"]
     def seen(v: float | None, within: float) -> str:
@@ -316,7 +327,7 @@ def markdown(result: dict[str, Any], plots: list[Path]) -> str:
 
 
 MARKS = {"stall": "SIGSTOP", "degraded": "DEGRADED on /status", "sigcont": "SIGCONT",
-         "serving_again": "SERVING again"}
+         "degraded_after_sigcont": "DEGRADED (after SIGCONT)", "serving_again": "SERVING again"}
 
 
 def write_files(result: dict[str, Any], out: Path, raw: str | Path | None = None) -> int:
