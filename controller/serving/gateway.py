@@ -312,35 +312,31 @@ class Gateway:
             await asyncio.sleep(STALL_WATCH_S)
             now = time.perf_counter()
             for r in list(self.pool.replicas.values()):
-                if not r.stalled and not r.writing and r.progress.suspicious(now, len(r.flights)):
+                if not r.stalled and not r.writing and r.progress.suspicious(now, len(r.flights), _mid_answer(r)):
                     self._check_apart(r, self._confirm_stall)
 
     async def _confirm_stall(self, r: Replica) -> None:
-        """Two readings of the engine's token counters, a confirmation window apart,
-        judged only while a request on the replica was mid-answer. Counters moving:
-        the engine works (the gateway's view lagged). Still, or no answer at all (a
-        frozen machine): the replica is stalled, and its requests move elsewhere.
-        While every request on it still awaits its first token nothing is proven:
-        vLLM counts a prompt only once its prefill ends, and an engine just started
-        under a burst may answer /metrics slowly (seen here: a false stall)."""
+        """Two readings of the engine's token counters, a confirmation window apart.
+        Moving: the engine works (the gateway's view lagged). Still, or no answer at
+        all (a frozen machine): the replica is stalled, and its requests move
+        elsewhere. (While every request on it awaits its first token, vLLM's counters
+        stand still through a prefill too: that suspicion came only past the
+        replica's own learned time to a first token, or 5 s for a new engine.)"""
         silent = r.progress.silent_for(time.perf_counter())
         window = max(STALL_CONFIRM_S, r.progress.longest_gap())
-        if not any(f.last_token is not None for f in r.flights):
+        try:
+            before = await read_counters(self._session, r.url, STALL_COUNTERS_TIMEOUT_S)
+            await asyncio.sleep(window)
+            after = await read_counters(self._session, r.url, STALL_COUNTERS_TIMEOUT_S)
+            evidence = None if after.advanced_since(before) else (
+                f"its engine's token counters did not move in {window:.1f}s ({after.running:g} requests running)")
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            evidence = f"its engine's metrics do not answer ({type(exc).__name__})"
+        except (aiohttp.ClientError, ValueError) as exc:  # no counters to read: nothing proven
+            log.info("stall_unconfirmed", replica_id=r.replica_id, error=f"{type(exc).__name__}")
             evidence = None
-        else:
-            try:
-                before = await read_counters(self._session, r.url, STALL_COUNTERS_TIMEOUT_S)
-                await asyncio.sleep(window)
-                after = await read_counters(self._session, r.url, STALL_COUNTERS_TIMEOUT_S)
-                evidence = None if after.advanced_since(before) else (
-                    f"its engine's token counters did not move in {window:.1f}s ({after.running:g} requests running)")
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-                evidence = f"its engine's metrics do not answer ({type(exc).__name__})"
-            except (aiohttp.ClientError, ValueError) as exc:  # no counters to read: nothing proven
-                log.info("stall_unconfirmed", replica_id=r.replica_id, error=f"{type(exc).__name__}")
-                evidence = None
         now = time.perf_counter()
-        if evidence is None or not r.progress.suspicious(now, len(r.flights)) or r.writing or \
+        if evidence is None or not r.progress.suspicious(now, len(r.flights), _mid_answer(r)) or r.writing or \
                 self.pool.replicas.get(r.replica_id) is not r:
             if evidence is None:
                 r.progress.busy(now)  # it works, or cannot be judged: silence counts afresh
@@ -349,7 +345,7 @@ class Gateway:
         r.stalls += 1
         self.stalls += 1
         reason = (f"no token for {silent:.1f}s with {len(r.flights)} requests in flight "
-                  f"(deadline {r.progress.deadline():.1f}s); {evidence}")
+                  f"(deadline {r.progress.deadline(_mid_answer(r)):.1f}s); {evidence}")
         self._mark(r, reason, stalled=True)
         r.stalled = True  # also when it was marked already, for another reason
         moved = self.evacuate(r.replica_id, "stall")
@@ -602,7 +598,8 @@ class Gateway:
         replica = flight.replica
         # The prefill allowance: a continuation's prompt is token ids (about 4 bytes of JSON each).
         prompt = body.get("prompt")
-        replica.progress.sent(id(flight), 4 * len(prompt) if isinstance(prompt, list) else request.content_length or 0)
+        replica.progress.sent(id(flight), time.perf_counter(),
+                              4 * len(prompt) if isinstance(prompt, list) else request.content_length or 0)
         # A task of its own, so that a stall can end the leg before its response begins.
         post = flight.connecting = asyncio.ensure_future(self._session.post(replica.url + route, json=body))
         try:
@@ -887,6 +884,11 @@ class RelayFigures:
                 "upstream_span_ms": round((self.last_read - self.first_read) * 1000, 2),
                 "max_relay_ms": round(self.max_relay * 1000, 3),
                 "relays_over_10ms": self.slow}
+
+
+def _mid_answer(r: Replica) -> bool:
+    """Some request on this replica has had a token of its current leg."""
+    return any(f.last_token is not None for f in r.flights)
 
 
 def _relay_fields(streaming: dict[str, Any]) -> dict[str, Any]:

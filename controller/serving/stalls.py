@@ -28,28 +28,37 @@ RECENT_GAPS = 64
 # Prefill allowance per KiB of a prompt that has no first token yet (a 4K-token
 # prompt is about 16 KiB of JSON: 1.6 s more).
 PREFILL_S_PER_KIB = 0.1
+# When every request on a replica awaits its first token, its silence is judged
+# against its own recent times to a first token; this, before it has any (an
+# engine just started, under a burst: one took over 1 s here).
+FIRST_TOKEN_UNLEARNED_S = 5.0
 
 
 class Progress:
-    """One replica's token progress: when it last made any, and its recent gaps."""
+    """One replica's token progress: when it last made any, its recent inter-token
+    gaps, and its recent times to a first token."""
 
-    __slots__ = ("last", "gaps", "waiting")
+    __slots__ = ("last", "gaps", "firsts", "waiting")
 
     def __init__(self) -> None:
         self.last: float | None = None  # the last token, or when the replica became busy
         self.gaps: deque[float] = deque(maxlen=RECENT_GAPS)
-        self.waiting: dict[int, int] = {}  # request (id of its flight) -> prompt bytes, until its first token
+        self.firsts: deque[float] = deque(maxlen=RECENT_GAPS)  # request sent -> its first token
+        # request (id of its flight) -> (when sent, prompt bytes), until its first token
+        self.waiting: dict[int, tuple[float, int]] = {}
 
     def busy(self, now: float) -> None:
         """The replica got a request while it had none: silence counts from now."""
         self.last = now
 
-    def sent(self, flight: int, prompt_bytes: int) -> None:
-        self.waiting[flight] = prompt_bytes
+    def sent(self, flight: int, now: float, prompt_bytes: int) -> None:
+        self.waiting[flight] = (now, prompt_bytes)
 
     def token(self, flight: int, now: float, gap: float | None) -> None:
         """A request made progress; `gap`: since its own previous token (None: its first)."""
-        self.waiting.pop(flight, None)
+        waited = self.waiting.pop(flight, None)
+        if waited is not None:
+            self.firsts.append(now - waited[0])
         self.last = now
         if gap is not None:
             self.gaps.append(gap)
@@ -60,14 +69,20 @@ class Progress:
     def longest_gap(self) -> float:
         return max(self.gaps) if self.gaps else 0.0
 
-    def deadline(self) -> float:
-        """How long this replica may stay silent with requests in flight."""
-        learned = GAP_FACTOR * self.longest_gap()
-        prefill = PREFILL_S_PER_KIB * max(self.waiting.values()) / 1024 if self.waiting else 0.0
+    def deadline(self, mid_answer: bool = True) -> float:
+        """How long this replica may stay silent with requests in flight: a multiple
+        of its longest recent gap while some request is mid-answer, else of its
+        longest recent time to a first token (FIRST_TOKEN_UNLEARNED_S before it has
+        any: a new engine under a burst), plus the prefill allowance."""
+        if mid_answer:
+            learned = GAP_FACTOR * self.longest_gap()
+        else:
+            learned = GAP_FACTOR * max(self.firsts) if self.firsts else FIRST_TOKEN_UNLEARNED_S
+        prefill = PREFILL_S_PER_KIB * max(b for _, b in self.waiting.values()) / 1024 if self.waiting else 0.0
         return max(STALL_FLOOR_S, learned) + prefill
 
     def silent_for(self, now: float) -> float:
         return 0.0 if self.last is None else now - self.last
 
-    def suspicious(self, now: float, in_flight: int) -> bool:
-        return in_flight > 0 and self.silent_for(now) > self.deadline()
+    def suspicious(self, now: float, in_flight: int, mid_answer: bool = True) -> bool:
+        return in_flight > 0 and self.silent_for(now) > self.deadline(mid_answer)
