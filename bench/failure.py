@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import statistics
 import sys
 import tempfile
@@ -264,7 +265,12 @@ async def kill_cycle(c: BenchCluster, new_ip: str, args: argparse.Namespace, pre
                 s.replica == victim_replica and s.tokens >= quarter and s.latency is None for s in longs):
             await asyncio.sleep(0.01)
         wall_kill, t_kill = time.time(), timeline.now()
-        left = processes.kill_now(pids)
+        # processes.kill_now's signals, sent here at once; its wait for the processes
+        # to be gone in a thread: this loop reads the streams, and a blocked loop
+        # would show as a gap the gateway did not make.
+        processes.signal_all(pids, signal.SIGSTOP)
+        processes.signal_all(pids, signal.SIGKILL)
+        left = await asyncio.to_thread(processes.wait_gone, pids, 5.0)
         # Anything the node started since its processes were listed goes too.
         pids |= await asyncio.to_thread(tk.kill_node, victim, nodes)
         if left:
