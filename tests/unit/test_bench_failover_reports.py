@@ -14,8 +14,9 @@ def test_a_streams_gap_at_the_failure_is_its_longest_silence_ending_after_it():
     # sent at 10, tokens at 10.1, 10.2, 10.3, then 1.5 s of silence (the kill at 10.35), 10.9 ... end at 11.95
     s = _stream(10.0, 0.1, [0.1, 0.1, 1.5, 0.05], 1.95)
     assert [round(t, 2) for t in failure.moments(s)] == [10.0, 10.1, 10.2, 10.3, 11.8, 11.85, 11.95]
-    assert round(failure.gap_at(s, 10.35), 3) == 1.5
-    assert round(failure.gap_at(s, 11.9), 3) == 0.1  # only the gaps that end after the moment count
+    assert round(failure.gap_at(s, 10.3), 3) == 1.5
+    assert round(failure.gap_at(s, 10.35), 3) == 1.45  # a gap under way at the moment counts from it
+    assert round(failure.gap_at(s, 11.81), 3) == 0.1   # only what comes after the moment counts
     assert failure.gap_at(s, 12.0) is None
 
 
