@@ -284,10 +284,8 @@ class Gateway:
             return
         if healthy:
             r.last_ok = self.clock()
-        if healthy and r.unhealthy is not None and self.pool.replicas.get(r.replica_id) is r:
-            self.pool.clear(r.replica_id)
-            log.info("replica_cleared", replica_id=r.replica_id)
-            self._notify()
+        if healthy and r.unhealthy is not None:
+            self._clear(r)
 
     async def _check_stalled(self, r: Replica) -> None:
         """A stalled engine may still answer /health: it is cleared by an answer that
@@ -298,10 +296,15 @@ class Gateway:
                 answered = resp.status == 200 and bool((await resp.json()).get("choices"))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return
-        if answered and self.pool.replicas.get(r.replica_id) is r:
+        if answered:
             r.last_ok = self.clock()
+            self._clear(r, reason="it makes tokens again")
+
+    def _clear(self, r: Replica, **why: str) -> None:
+        """Lift a replica's mark, unless the pool has since replaced it (a new engine)."""
+        if self.pool.replicas.get(r.replica_id) is r:
             self.pool.clear(r.replica_id)
-            log.info("replica_cleared", replica_id=r.replica_id, reason="it makes tokens again")
+            log.info("replica_cleared", replica_id=r.replica_id, **why)
             self._notify()
 
     async def _watch_stalls(self) -> None:

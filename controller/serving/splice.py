@@ -352,6 +352,11 @@ class Splice:
             self.fingerprint = event["system_fingerprint"]
         return usage
 
+    def _counted_usage(self) -> dict[str, int]:
+        """Usage from the tokens themselves, when no engine sent it for the answer."""
+        prompt, completion = len(self.prompt_ids or []), len(self.generated)
+        return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
+
     def _end(self) -> bytes:
         self.done = True
         if not self.client_streams:
@@ -363,11 +368,9 @@ class Splice:
         answer was complete: the usage event (when asked for) and `[DONE]`."""
         out = b""
         if self.client_usage and not self.usage_sent and self.prompt_ids is not None:
-            prompt, completion = len(self.prompt_ids), len(self.generated)
-            usage = {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
+            self.usage = self._counted_usage()
             event = {**(self.identity or {}), "object": "chat.completion.chunk" if self.chat else "text_completion",
-                     "choices": [], "usage": usage}
-            self.usage = usage
+                     "choices": [], "usage": self.usage}
             out = b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
         self.done = True
         return out + DONE
@@ -378,9 +381,7 @@ class Splice:
         """The JSON answer of a client that did not ask for a stream."""
         ident = self.identity or {}
         if self.usage is None and self.prompt_ids is not None:
-            prompt, completion = len(self.prompt_ids), len(self.generated)
-            self.usage = {"prompt_tokens": prompt, "total_tokens": prompt + completion,
-                          "completion_tokens": completion}
+            self.usage = self._counted_usage()
         text = "".join(self.text)
         logprobs = _joined_logprobs(self.logprobs, self.chat) if self.logprobs else None
         ids = self.generated if self.client_ids else None
