@@ -549,10 +549,7 @@ def write_files(result: dict[str, Any], out: Path, raw: str | Path | None = None
         if run.get("drain"):
             plots.append(plot(out.with_name(f"{out.stem}-drain.png"), run["drain"], "SIGTERM to the head under load"))
     md_text = markdown(result, plots)
-    json_path, md_path, raw_path = output.write_results(out, result, md_text, raw)
-    print("\n" + md_text)
-    print(f"results: {json_path}; summary: {md_path}; raw samples: {raw_path}")
-    return 0
+    return output.publish(out, result, md_text, raw)
 
 
 if __name__ == "__main__":

@@ -219,10 +219,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def write_files(result: dict[str, Any], out: Path, raw: str | Path | None = None) -> int:
     md_text = markdown(result)
-    json_path, md_path, raw_path = output.write_results(out, result, md_text, raw)
-    print("\n" + md_text)
-    print(f"results: {json_path}; summary: {md_path}; raw samples: {raw_path}")
-    return 0
+    return output.publish(out, result, md_text, raw)
 
 
 def main(argv: list[str] | None = None) -> int:

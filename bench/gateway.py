@@ -119,10 +119,7 @@ def write_files(result: dict, out: Path, raw: str | Path | None = None) -> int:
                            for t in ("direct", "gateway")},
                           "End-to-end latency: straight to the replica vs through the gateway", "latency (ms)")
     md_text = markdown(result)
-    json_path, md_path, raw_path = output.write_results(out, result, md_text, raw)
-    print("\n" + md_text)
-    print(f"results: {json_path}; summary: {md_path}; plot: {cdf}; raw samples: {raw_path}")
-    return 0
+    return output.publish(out, result, md_text, raw, plot=cdf)
 
 
 if __name__ == "__main__":

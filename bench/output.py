@@ -100,6 +100,17 @@ def write_results(out: str | Path, result: dict[str, Any], markdown: str,
     return json_path, md, raw
 
 
+def publish(out: str | Path, result: dict[str, Any], markdown: str, raw: str | Path | None = None,
+            plot: str | Path | None = None) -> int:
+    """A load benchmark's last step: its files (`write_results`), then the Markdown
+    and where everything went, printed. Returns the exit code, 0."""
+    json_path, md_path, raw_path = write_results(out, result, markdown, raw)
+    print("\n" + markdown)
+    print(f"results: {json_path}; summary: {md_path}; " + (f"plot: {plot}; " if plot else "")
+          + f"raw samples: {raw_path}")
+    return 0
+
+
 def _pyplot():
     import matplotlib
 

@@ -340,10 +340,7 @@ def write_files(result: dict[str, Any], out: Path, raw: str | Path | None = None
         plots.append(output.plot_timeline(out.with_name(f"{out.stem}-{r['kind']}{r['round']}.png"), points, marks,
                                           f"{labels[r['kind']]} under load (round {r['round']})"))
     md_text = markdown(result, plots)
-    json_path, md_path, raw_path = output.write_results(out, result, md_text, raw)
-    print("\n" + md_text)
-    print(f"results: {json_path}; summary: {md_path}; raw samples: {raw_path}")
-    return 0
+    return output.publish(out, result, md_text, raw)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,10 +173,7 @@ def write_files(result: dict[str, Any], out: Path, raw: str | Path | None = None
                            for run in result["runs"]},
                           "End-to-end latency per offered rate (through the gateway)", "latency (ms)")
     md_text = markdown(result, cdf)
-    json_path, md_path, raw_path = output.write_results(out, result, md_text, raw)
-    print("\n" + md_text)
-    print(f"results: {json_path}; summary: {md_path}; plot: {cdf}; raw samples: {raw_path}")
-    return 0
+    return output.publish(out, result, md_text, raw, plot=cdf)
 
 
 if __name__ == "__main__":
