@@ -69,7 +69,7 @@ class Progress:
     def longest_gap(self) -> float:
         return max(self.gaps) if self.gaps else 0.0
 
-    def deadline(self, mid_answer: bool = True) -> float:
+    def deadline(self, mid_answer: bool) -> float:
         """How long this replica may stay silent with requests in flight: a multiple
         of its longest recent gap while some request is mid-answer, else of its
         longest recent time to a first token (FIRST_TOKEN_UNLEARNED_S before it has
@@ -84,5 +84,5 @@ class Progress:
     def silent_for(self, now: float) -> float:
         return 0.0 if self.last is None else now - self.last
 
-    def suspicious(self, now: float, in_flight: int, mid_answer: bool = True) -> bool:
+    def suspicious(self, now: float, in_flight: int, mid_answer: bool) -> bool:
         return in_flight > 0 and self.silent_for(now) > self.deadline(mid_answer)
